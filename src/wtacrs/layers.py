@@ -1,4 +1,5 @@
-"""``SampledLinear``: a drop-in ``nn.Linear`` whose training backward uses ``sampled_linear``."""
+"""Drop-in layers whose training backward uses ``sampled_linear``: ``SampledLinear`` for ``nn.Linear`` and
+``SampledConv1D`` for GPT-2's ``transformers.pytorch_utils.Conv1D`` (transformers is imported only to convert)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import DEFAULT_FLOOR, sampled_linear
+from .ops import DEFAULT_FLOOR, check_floor, exact_linear, sampled_linear
 from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method
+
+
+def _configure(module: nn.Module, budget, method, min_rows, floor, generator) -> None:
+    """Check and set the sampling options shared by the sampled layers (plain attributes, not state)."""
+    check_budget(budget)
+    check_method(method)
+    check_floor(floor)
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+        raise ValueError(f"min_rows must be an integer >= 1; got {min_rows!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    module.budget = float(budget)
+    module.method = method
+    module.min_rows = min_rows
+    module.floor = floor
+    module.generator = generator
 
 
 class SampledLinear(nn.Linear):
@@ -32,16 +49,7 @@ class SampledLinear(nn.Linear):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._configure(budget, method, min_rows, floor, generator)
-
-    def _configure(self, budget, method, min_rows, floor, generator) -> None:
-        check_budget(budget)
-        check_method(method)
-        self.budget = float(budget)
-        self.method = method
-        self.min_rows = min_rows
-        self.floor = floor
-        self.generator = generator
+        _configure(self, budget, method, min_rows, floor, generator)
 
     @classmethod
     def from_linear(
@@ -63,7 +71,7 @@ class SampledLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
-        new._configure(budget, method, min_rows, floor, generator)
+        _configure(new, budget, method, min_rows, floor, generator)
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -86,3 +94,77 @@ class SampledLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, budget={self.budget}, method={self.method!r}"
+
+
+class SampledConv1D(nn.Module):
+    """GPT-2's ``Conv1D`` (``y = addmm(b, x, W)``, weight (in, out)) with a sampled weight gradient in training.
+
+    Parameters and attributes (``weight``, ``bias``, ``nf``, ``nx``) match ``Conv1D``'s, so state dicts are
+    interchangeable; the forward is bit-identical to ``Conv1D``'s. Eval mode or no grad runs the plain product.
+    """
+
+    def __init__(
+        self,
+        nf: int,
+        nx: int,
+        *,
+        budget: float = 0.3,
+        method: Method = "wta_crs",
+        min_rows: int = DEFAULT_MIN_ROWS,
+        floor: float = DEFAULT_FLOOR,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+        _configure(self, budget, method, min_rows, floor, generator)
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv: nn.Module,
+        *,
+        budget: float = 0.3,
+        method: Method = "wta_crs",
+        min_rows: int = DEFAULT_MIN_ROWS,
+        floor: float = DEFAULT_FLOOR,
+        generator: torch.Generator | None = None,
+    ) -> "SampledConv1D":
+        """A ``SampledConv1D`` sharing ``conv``'s weight and bias (no copy)."""
+        from transformers.pytorch_utils import Conv1D
+
+        if not isinstance(conv, Conv1D):
+            raise ValueError(f"from_conv1d needs a transformers Conv1D; got {type(conv).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.nf, new.nx = conv.nf, conv.nx
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        _configure(new, budget, method, min_rows, floor, generator)
+        return new
+
+    def to_conv1d(self) -> nn.Module:
+        """A plain ``transformers`` ``Conv1D`` sharing this module's parameters."""
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D.__new__(Conv1D)
+        nn.Module.__init__(conv)
+        conv.nf, conv.nx = self.nf, self.nx
+        conv.weight = self.weight
+        conv.bias = self.bias
+        conv.train(self.training)
+        return conv
+
+    def forward(self, x: Tensor, row_scores: Tensor | None = None) -> Tensor:
+        if not self.training:
+            return exact_linear(x, self.weight, self.bias, transposed=True)
+        return sampled_linear(
+            x, self.weight, self.bias, self.budget, self.method, row_scores, self.generator,
+            min_rows=self.min_rows, floor=self.floor, transposed=True,
+        )
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, budget={self.budget}, method={self.method!r}"

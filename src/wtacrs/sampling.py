@@ -45,11 +45,15 @@ def check_budget(budget: float) -> None:
         raise ValueError(f"budget must be in (0, 1], the fraction of rows kept (1.0 = exact); got {budget}")
 
 
+def check_min_rows(min_rows: int) -> None:
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+        raise ValueError(f"min_rows must be an integer >= 1; got {min_rows!r}")
+
+
 def num_kept_rows(n: int, budget: float, min_rows: int = DEFAULT_MIN_ROWS) -> int:
     """``k = clamp(ceil(budget * n), min_rows, n)``: the row budget for ``n`` rows."""
     check_budget(budget)
-    if min_rows < 1:
-        raise ValueError(f"min_rows must be >= 1; got {min_rows}")
+    check_min_rows(min_rows)
     # The small epsilon keeps e.g. ceil(0.3 * 10) at 3 despite 0.3 * 10 == 3.0000000000000004.
     return max(0, min(n, max(min_rows, math.ceil(budget * n - 1e-9))))
 

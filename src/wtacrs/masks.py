@@ -58,11 +58,11 @@ def pack_bits(mask: Tensor) -> Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = F.pad(flat, (0, pad))
-    bits = flat.view(-1, 8)
-    packed = bits[:, 0].clone()
-    for j in range(1, 8):
-        packed.bitwise_or_(bits[:, j] << j)
-    return packed
+    # Each group of 8 bytes (0 or 1) read as one little-endian int64 has byte j at bit 8j; multiplying by
+    # sum_j 2**(56 - 7j) moves byte j's bit to bit 56 + j without carries, so bits 56..63 are the packed byte.
+    # One vectorised multiply instead of eight strided shifts and ORs (little-endian, as every PyTorch platform).
+    words = flat.view(torch.int64)
+    return ((words * 0x0102040810204080) >> 56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:

@@ -1,0 +1,464 @@
+"""What autograd keeps for backward, by kind, and the ``wtacrs memory`` command that prints it per arm.
+
+``saved_by_kind(model, inputs)`` runs one forward and walks the autograd graph from the loss: every node's
+``_saved_*`` tensors (and ``saved_tensors`` of custom Functions), de-duplicated by storage, parameters excluded,
+counted at the storage's full size. Each storage gets one kind:
+
+* ``relu``: saved by ReLU's backward (stock: its output; compact: a 1-bit mask).
+* ``dropout``: dropout masks (``NativeDropoutBackward0`` on GPU; on CPU ``F.dropout`` multiplies by a float noise
+  tensor, recognised as a two-valued ``{0, 1/(1-p)}`` tensor saved by a multiplication; compact: 1-bit masks).
+* ``attention``: softmax outputs, matmuls of two activations (``Q Kᵀ``, ``attn · V``), SDPA and sampled-attention
+  saves.
+* ``norm``: LayerNorm/RMSNorm saves (by node, or by the module that saved the tensor: a class named ``*Norm*``).
+* ``linear``: inputs of linear layers with a trainable weight (kept rows for sampled layers) — what linear
+  sampling can cut. A storage that a ``relu``/``dropout``/``attention``/``norm`` op also saves is counted under
+  that op, since it stays stored anyway, and listed in ``SavedReport.shared_linear_inputs``.
+* ``other``: everything else (elementwise products, embeddings' indices, position biases...).
+
+Findings on T5 (random init, CPU; ``results/memory_*.txt``): with dropout > 0 in training, no linear input is
+stored twice in T5: ``wo`` reads the dropout output, not the ReLU output; ``o`` reads a contiguous copy of the
+attention output that no other op keeps. With dropout 0 the ReLU output is ``wo``'s input and is shared (sampling
+``wo`` then adds 0.3 of it unless ReLU is compact), and the softmax output is the ``attn · V`` operand (the
+attention sampling keeps it whole for that reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+KINDS: tuple[str, ...] = ("linear", "relu", "dropout", "attention", "norm", "other")
+
+_RELU_NODES = {"ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1",
+               "_CompactReLUFunctionBackward"}
+_DROPOUT_NODES = {"NativeDropoutBackward0", "_CompactDropoutFunctionBackward"}
+_ATTENTION_NODES = {"SoftmaxBackward0", "_SoftmaxBackward0", "_SampledMatmulFunctionBackward"}
+_NORM_NODES = {"NativeLayerNormBackward0", "NativeGroupNormBackward0", "FusedRmsNormBackward0",
+               "_FusedRmsNormBackward0"}
+_MATMUL_NODES = {"MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0", "MvBackward0",
+                 "AddmvBackward0", "LinearBackward0"}
+_SAMPLED_LINEAR_NODES = {"SampledLinearFunctionBackward", "SampledConv1DFunctionBackward"}
+#: When one storage is saved by several ops, the op listed first owns it.
+_PRIORITY = ("relu", "dropout", "attention", "norm", "linear", "other")
+
+
+@dataclass(frozen=True)
+class SavedItem:
+    """One saved storage: its size, kind, and the graph nodes and modules that saved it."""
+
+    nbytes: int
+    kind: str
+    nodes: tuple[str, ...]
+    modules: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class SavedReport:
+    items: list[SavedItem]
+
+    @property
+    def total(self) -> int:
+        return sum(item.nbytes for item in self.items)
+
+    def by_kind(self) -> dict[str, int]:
+        """Bytes per kind, every kind of ``KINDS`` present (0 when none)."""
+        out = dict.fromkeys(KINDS, 0)
+        for item in self.items:
+            out[item.kind] += item.nbytes
+        return out
+
+    def shared_linear_inputs(self) -> list[SavedItem]:
+        """Linear-layer inputs that another op keeps whole anyway (sampling those layers saves nothing)."""
+        return [item for item in self.items if item.kind != "linear" and "linear" in _node_kinds(item.nodes)]
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "by_kind": self.by_kind(),
+                "shared_linear_inputs": [asdict(i) for i in self.shared_linear_inputs()]}
+
+
+def _node_kinds(nodes: Iterable[str]) -> set[str]:
+    return {node.split(":", 1)[0] for node in nodes}
+
+
+class _ModuleTracker:
+    """Knows the innermost module running, through forward hooks on every module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[tuple[str, str]] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            label = (name or "<root>", type(module).__name__)
+            self.handles.append(module.register_forward_pre_hook(lambda *a, _l=label: self.stack.append(_l)))
+            self.handles.append(module.register_forward_hook(self._pop, always_call=True))
+
+    def _pop(self, *_args) -> None:  # a forward hook's return value would replace the module's output
+        self.stack.pop()
+
+    def current(self) -> tuple[str, str]:
+        return self.stack[-1] if self.stack else ("<outside>", "")
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _storage_key(t: Tensor) -> tuple:
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+def _saved_of(node) -> list[tuple[str, Tensor]]:
+    """(attribute, tensor) pairs a graph node keeps for backward."""
+    found = []
+    if hasattr(node, "saved_tensors") and not hasattr(node, "_saved_self"):  # custom autograd.Function
+        try:
+            found.extend(("saved_tensors", t) for t in node.saved_tensors if isinstance(t, Tensor))
+        except RuntimeError:  # already freed by a backward
+            pass
+    for attr in dir(node):
+        if not attr.startswith("_saved_"):
+            continue
+        try:
+            value = getattr(node, attr)
+        except RuntimeError:
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        found.extend((attr, t) for t in values if isinstance(t, Tensor))
+    return found
+
+
+_VIEW_NODES = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0",
+               "ExpandBackward0", "ToCopyBackward0", "ReshapeAliasBackward0"}
+
+
+def _reads_parameter(node, depth: int = 3) -> bool:
+    """Whether an input of ``node`` is a trainable leaf (through views): a matmul with a weight. A linear layer
+    whose input needs no gradient saves no weight, so the saved tensors alone cannot tell."""
+    for next_node, _ in node.next_functions:
+        if next_node is None:
+            continue
+        name = type(next_node).__name__
+        if name == "AccumulateGrad" or (depth > 1 and name in _VIEW_NODES and _reads_parameter(next_node, depth - 1)):
+            return True
+    return False
+
+
+def _is_dropout_noise(t: Tensor) -> bool:
+    """A constant-free {0, c} float tensor that needs no gradient: CPU ``F.dropout``'s saved noise."""
+    if t.requires_grad or t.grad_fn is not None or not t.is_floating_point() or t.numel() < 2:
+        return False
+    top = t.max()
+    return bool(top > 0) and bool(((t == 0) | (t == top)).all()) and bool((t == 0).any())
+
+
+def _kind_of(node_name: str, attr: str, t: Tensor, node_has_param: bool, module_class: str) -> str:
+    if node_name in _RELU_NODES:
+        return "relu"
+    if node_name in _DROPOUT_NODES:
+        return "dropout"
+    if node_name.startswith("Mul") and _is_dropout_noise(t):
+        return "dropout"
+    if node_name in _ATTENTION_NODES or "ScaledDotProduct" in node_name:
+        return "attention"
+    if node_name in _NORM_NODES:
+        return "norm"
+    if node_name in _SAMPLED_LINEAR_NODES:
+        return "linear"
+    if node_name in _MATMUL_NODES:
+        return "linear" if node_has_param else "attention"
+    if "Norm" in module_class:
+        return "norm"
+    return "other"
+
+
+def _loss_of(output) -> Tensor:
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, Tensor):
+        return loss
+    if isinstance(output, Tensor):
+        return output.float().sum()
+    first = output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+    return first.float().sum()
+
+
+def saved_by_kind(model: nn.Module, inputs: Mapping[str, Tensor] | Tensor, exclude: Iterable[Tensor] = ()) -> SavedReport:
+    """Run ``model(**inputs)`` (or ``model(inputs)``) once and sort what autograd saved for backward by kind.
+
+    The loss is ``output.loss`` when the model returns one, else the sum of its first output. Parameters and the
+    storages of ``exclude`` are not counted. The same total (without kinds) is what ``wtacrs.memory.SavedTensors``
+    measures, except tensors saved for parts of the graph the loss does not reach.
+    """
+    excluded = {_storage_key(p) for p in model.parameters()} | {_storage_key(t) for t in exclude}
+    tracker = _ModuleTracker(model)
+    origin: dict[tuple, set[tuple[str, str]]] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        origin.setdefault(_storage_key(t), set()).add(tracker.current())
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    finally:
+        tracker.remove()
+    loss = _loss_of(output)
+
+    storages: dict[tuple, dict] = {}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+        name = type(node).__name__
+        saved = [(attr, t) for attr, t in _saved_of(node) if t.untyped_storage().data_ptr() != 0]
+        has_param = _reads_parameter(node) or any(
+            _storage_key(t) in excluded or isinstance(t, nn.Parameter) for _, t in saved)
+        for attr, t in saved:
+            key = _storage_key(t)
+            if key in excluded or isinstance(t, nn.Parameter):
+                continue
+            modules = origin.get(key, {("<unknown>", "")})
+            module_class = " ".join(cls for _, cls in modules)
+            kind = _kind_of(name, attr, t, has_param, module_class)
+            entry = storages.setdefault(key, {"nbytes": t.untyped_storage().nbytes(), "kinds": set(), "nodes": set(),
+                                              "modules": {m for m, _ in modules}, "shape": tuple(t.shape),
+                                              "dtype": str(t.dtype).removeprefix("torch.")})
+            entry["kinds"].add(kind)
+            entry["nodes"].add(f"{kind}:{name}.{attr}")
+    items = [
+        SavedItem(e["nbytes"], next(k for k in _PRIORITY if k in e["kinds"]), tuple(sorted(e["nodes"])),
+                  tuple(sorted(e["modules"])), e["shape"], e["dtype"])
+        for e in storages.values()
+    ]
+    items.sort(key=lambda item: -item.nbytes)
+    return SavedReport(items)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ``wtacrs memory`` command.
+
+#: Config names built with random initialisation (no download): (family, config keyword arguments).
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "t5-small": ("t5", dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)),
+    "t5-base": ("t5", dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)),
+    "t5-large": ("t5", dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16)),
+    "bert-base": ("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                               intermediate_size=3072)),
+    "bert-large": ("bert", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                intermediate_size=4096)),
+    "opt-125m": ("opt", dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                             word_embed_proj_dim=768)),
+    "gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12)),
+    "llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                               tie_word_embeddings=True)),
+}
+
+#: The paper's LoRA targets per family (q/k/v).
+LORA_TARGETS = {"t5": ["q", "k", "v"], "bert": ["query", "key", "value"], "opt": ["q_proj", "k_proj", "v_proj"],
+                "gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj"]}
+
+ARM_FEATURES = ("wta", "masks", "attn")
+DEFAULT_ARMS = ("full", "full+wta", "full+wta+masks", "full+wta+masks+attn",
+                "lora", "lora+wta", "lora+wta+masks", "lora+wta+masks+attn")
+
+
+def parse_arm(arm: str) -> tuple[str, frozenset[str]]:
+    """``"lora+wta+masks"`` -> ``("lora", {"wta", "masks"})``. Bases: full, lora; features: wta (linear sampling),
+    masks (compact ReLU/dropout), attn (attention sampling)."""
+    base, *features = arm.split("+")
+    if base not in ("full", "lora") or not set(features) <= set(ARM_FEATURES) or len(set(features)) != len(features):
+        raise ValueError(
+            f"arm must be 'full' or 'lora' followed by any of {', '.join('+' + f for f in ARM_FEATURES)}; got {arm!r}"
+        )
+    return base, frozenset(features)
+
+
+def _family_of(config) -> str:
+    model_type = getattr(config, "model_type", "")
+    for family in ("t5", "bert", "opt", "gpt2", "llama"):
+        if model_type == family or (family == "llama" and model_type in ("mistral", "qwen2", "qwen3")):
+            return family
+    if model_type == "roberta":
+        return "bert"
+    raise ValueError(f"model type {model_type!r} is not supported by wtacrs memory; use t5, bert, opt, gpt2 or llama")
+
+
+def build_model(
+    name_or_path: str, num_layers: int | None = None, attn: str = "eager", dropout: float = 0.1,
+    vocab_size: int | None = None,
+) -> tuple[nn.Module, str]:
+    """A model for ``name_or_path``: a local Hugging Face folder (its weights if present) or a name in
+    ``CONFIGS`` built from its config class with random initialisation (seed 0), with dropout set to ``dropout``
+    and optionally fewer layers or a smaller vocabulary. Returns (model, family)."""
+    import os
+
+    import transformers
+
+    torch.manual_seed(0)
+    if os.path.isdir(name_or_path):
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+        family = _family_of(config)
+    elif name_or_path in CONFIGS:
+        family, kwargs = CONFIGS[name_or_path]
+        config_cls = {"t5": transformers.T5Config, "bert": transformers.BertConfig, "opt": transformers.OPTConfig,
+                      "gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig}[family]
+        config = config_cls(**kwargs)
+    else:
+        raise ValueError(
+            f"MODEL_OR_CONFIG must be a local model folder or one of {', '.join(CONFIGS)}; got {name_or_path!r}"
+        )
+    overrides = {
+        "t5": dict(dropout_rate=dropout, decoder_start_token_id=0, pad_token_id=0),
+        "bert": dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout),
+        "opt": dict(dropout=dropout, attention_dropout=dropout),
+        "gpt2": dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout),
+        "llama": dict(attention_dropout=dropout),
+    }[family]
+    if num_layers is not None:
+        key = {"t5": "num_layers", "gpt2": "n_layer"}.get(family, "num_hidden_layers")
+        overrides[key] = num_layers
+        if family == "t5":
+            overrides["num_decoder_layers"] = num_layers
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model_cls = {"t5": transformers.T5ForConditionalGeneration, "bert": transformers.BertForSequenceClassification,
+                 "opt": transformers.OPTForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
+                 "llama": transformers.LlamaForCausalLM}[family]
+    has_weights = os.path.isdir(name_or_path) and any(
+        f.endswith((".safetensors", ".bin")) for f in os.listdir(name_or_path))
+    if has_weights:
+        model = model_cls.from_pretrained(name_or_path, config=config, attn_implementation=attn)
+    else:
+        config._attn_implementation = attn
+        model = model_cls(config)
+    return model.train(), family
+
+
+def make_inputs(family: str, config, batch_size: int, seq_len: int, target_len: int, device) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    vocab = config.vocab_size
+    ids = torch.randint(2, vocab, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if family == "t5":
+        batch["labels"] = torch.randint(2, vocab, (batch_size, target_len), generator=g)
+    elif family == "bert":
+        batch["labels"] = torch.randint(0, 2, (batch_size,), generator=g)
+    else:
+        batch["labels"] = ids.clone()
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def prepare_arm(model: nn.Module, family: str, arm: str, budget: float, attn_budget: float) -> nn.Module:
+    """Apply an arm to a fresh model in place (LoRA r=32, alpha=32, dropout 0.1, biases trained, as the paper)."""
+    base, features = parse_arm(arm)
+    if base == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=32, lora_alpha=32, lora_dropout=0.1, bias="all", target_modules=LORA_TARGETS[family]))
+    if "wta" in features:
+        from .patch import apply_wtacrs
+
+        apply_wtacrs(model, budget, targets=base)
+    if "masks" in features:
+        from .masks import patch_compact_masks
+
+        patch_compact_masks(model)
+    if "attn" in features:
+        from .attention import patch_attention_sampling
+
+        patch_attention_sampling(model, attn_budget)
+    return model.train()
+
+
+def measure_arms(
+    name_or_path: str, arms: Iterable[str], batch_size: int, seq_len: int, *, target_len: int = 4,
+    budget: float = 0.3, attn_budget: float | None = None, num_layers: int | None = None, attn: str = "eager",
+    device: str = "cpu", vocab_size: int | None = None,
+) -> dict[str, SavedReport]:
+    """``saved_by_kind`` of one forward for each arm, each on a fresh copy of the same random-init model."""
+    arms = list(arms)
+    for arm in arms:
+        parse_arm(arm)
+    reports = {}
+    for arm in arms:
+        model, family = build_model(name_or_path, num_layers, attn, vocab_size=vocab_size)
+        model = prepare_arm(model.to(device), family, arm, budget, budget if attn_budget is None else attn_budget)
+        inputs = make_inputs(family, model.config, batch_size, seq_len, target_len, device)
+        torch.manual_seed(2)
+        reports[arm] = saved_by_kind(model, inputs)
+        del model
+    return reports
+
+
+def format_reports(reports: Mapping[str, SavedReport], baselines: Mapping[str, str] | None = None) -> str:
+    """A table in MiB per arm and kind, with each arm's total relative to its stock base arm (full or lora)."""
+    mib = 2**20
+    header = f"{'arm':<22}{'total':>10}" + "".join(f"{k:>11}" for k in KINDS) + f"{'vs stock':>10}"
+    lines = [header, "-" * len(header)]
+    for arm, report in reports.items():
+        base = arm.split("+")[0]
+        stock = reports.get(base)
+        ratio = f"{report.total / stock.total:>10.3f}" if stock is not None and stock.total else f"{'':>10}"
+        kinds = report.by_kind()
+        lines.append(f"{arm:<22}{report.total / mib:>10.1f}" + "".join(f"{kinds[k] / mib:>11.1f}" for k in KINDS)
+                     + ratio)
+    for arm, report in reports.items():
+        for item in report.shared_linear_inputs()[:5]:
+            lines.append(f"  {arm}: linear input also kept by {item.kind}: {item.nbytes / mib:.1f} MiB "
+                         f"{list(item.shape)} ({', '.join(item.modules[:3])})")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_OR_CONFIG",
+                        help=f"a local Hugging Face model folder, or one of: {', '.join(CONFIGS)} (random init)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--target-len", type=int, default=4, help="decoder length for encoder-decoder models")
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
+                        help="full|lora followed by any of +wta (linear sampling), +masks (compact ReLU/dropout), "
+                             "+attn (attention sampling)")
+    parser.add_argument("--budget", type=float, default=0.3, help="linear sampling budget")
+    parser.add_argument("--attn-budget", type=float, default=None, help="attention sampling budget (default: --budget)")
+    parser.add_argument("--num-layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary size")
+    parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
+                        help="attention implementation of arms without +attn (+attn always runs eager)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the reports to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("batch_size", "seq_len", "target_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    reports = measure_arms(
+        args.model, args.arms, args.batch_size, args.seq_len, target_len=args.target_len, budget=args.budget,
+        attn_budget=args.attn_budget, num_layers=args.num_layers, attn=args.attn, device=args.device,
+        vocab_size=args.vocab_size,
+    )
+    overrides = "".join(f", {name} {getattr(args, name)}" for name in ("num_layers", "vocab_size")
+                        if getattr(args, name) is not None)
+    print(f"saved activations of one forward (MiB), {args.model}{overrides}, batch {args.batch_size}, "
+          f"seq {args.seq_len} (decoder {args.target_len}), {args.device}, fp32, attention {args.attn}, "
+          f"budget {args.budget}")
+    print(format_reports(reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "num_layers": args.num_layers, "vocab_size": args.vocab_size,
+                       "batch_size": args.batch_size, "seq_len": args.seq_len,
+                       "target_len": args.target_len, "device": args.device, "attn": args.attn,
+                       "budget": args.budget, "arms": {a: r.to_dict() for a, r in reports.items()}}, f, indent=1)
+    return 0

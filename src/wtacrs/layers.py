@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import DEFAULT_FLOOR, check_floor, exact_linear, sampled_linear
@@ -24,6 +23,27 @@ def _configure(module: nn.Module, budget, method, min_rows, floor, generator) ->
     module.min_rows = min_rows
     module.floor = floor
     module.generator = generator
+    # Set by apply_wtacrs: the model's shared RowSampler, this layer's name there, and whether the batch's
+    # padding mask applies to this layer's input rows.
+    module.sampler = None
+    module.sampler_name = ""
+    module.padding_aware = False
+
+
+def _sampled_forward(module: nn.Module, x: Tensor, row_scores: Tensor | None, transposed: bool) -> Tensor:
+    if not module.training:
+        return exact_linear(x, module.weight, module.bias, transposed)
+    sampler = module.sampler
+    kept = None
+    if sampler is not None and torch.is_grad_enabled() and module.weight.requires_grad and module.budget < 1.0:
+        kept = sampler.keep(module, x)
+    out = sampled_linear(
+        x, module.weight, module.bias, module.budget, module.method, row_scores, module.generator,
+        min_rows=module.min_rows, floor=module.floor, kept=kept, transposed=transposed,
+    )
+    if sampler is not None:
+        sampler.after_forward(module, out)
+    return out
 
 
 class SampledLinear(nn.Linear):
@@ -84,12 +104,7 @@ class SampledLinear(nn.Linear):
         return linear
 
     def forward(self, x: Tensor, row_scores: Tensor | None = None) -> Tensor:
-        if not self.training:
-            return F.linear(x, self.weight, self.bias)
-        return sampled_linear(
-            x, self.weight, self.bias, self.budget, self.method, row_scores, self.generator,
-            min_rows=self.min_rows, floor=self.floor,
-        )
+        return _sampled_forward(self, x, row_scores, transposed=False)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, budget={self.budget}, method={self.method!r}"
@@ -158,12 +173,7 @@ class SampledConv1D(nn.Module):
         return conv
 
     def forward(self, x: Tensor, row_scores: Tensor | None = None) -> Tensor:
-        if not self.training:
-            return exact_linear(x, self.weight, self.bias, transposed=True)
-        return sampled_linear(
-            x, self.weight, self.bias, self.budget, self.method, row_scores, self.generator,
-            min_rows=self.min_rows, floor=self.floor, transposed=True,
-        )
+        return _sampled_forward(self, x, row_scores, transposed=True)
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, budget={self.budget}, method={self.method!r}"

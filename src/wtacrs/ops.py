@@ -54,9 +54,12 @@ def check_floor(floor: float) -> None:
 
 
 def row_probabilities(x2d: Tensor, row_scores: Tensor | None = None, floor: float = DEFAULT_FLOOR) -> Tensor:
-    """Row weights for sampling the rows of ``x2d`` (N, d): ``||x_i||``, or, given row scores (for example
-    cached gradient norms), ``(1 - floor) * s_i / sum(s) + floor * ||x_i|| / sum(||x||)`` (times ``||x_i||``'s
-    support, since a zero row adds nothing to the gradient).
+    """Row weights for sampling the rows of ``x2d`` (N, d).
+
+    Without scores: ``||x_i||``. With row scores ``s_i``, estimates of the output-gradient norms ``||dy_i||`` (for
+    example from a ``GradNormCache``): ``(1 - floor) * u_i / sum(u) + floor * ||x_i|| / sum(||x||)`` with
+    ``u_i = ||x_i|| * s_i``, the variance-minimising weight, mixed with activation norms so that every non-zero
+    row keeps p > 0 even where a score is stale or zero.
 
     A NaN, Inf or negative score makes that row's weight NaN, so that sampling reports it.
     """
@@ -70,7 +73,8 @@ def row_probabilities(x2d: Tensor, row_scores: Tensor | None = None, floor: floa
     bad = ~torch.isfinite(scores) | (scores < 0)
     scores = torch.where(bad, torch.zeros_like(scores), scores)
     tiny = torch.finfo(torch.float32).tiny
-    mixed = (1.0 - floor) * scores / scores.sum().clamp_min(tiny) + floor * norms / norms.sum().clamp_min(tiny)
+    weighted = norms * scores
+    mixed = (1.0 - floor) * weighted / weighted.sum().clamp_min(tiny) + floor * norms / norms.sum().clamp_min(tiny)
     mixed = torch.where(norms > 0, mixed, torch.zeros_like(mixed))
     return torch.where(bad, torch.full_like(mixed, math.nan), mixed)
 
@@ -110,8 +114,12 @@ def keep_rows(
     generator: torch.Generator | None = None,
     min_rows: int = DEFAULT_MIN_ROWS,
     floor: float = DEFAULT_FLOOR,
+    row_mask: Tensor | None = None,
 ) -> KeptRows:
     """Sample the rows of ``x`` (..., d_in) to keep for the weight gradient of a linear layer reading ``x``.
+
+    ``row_mask`` (shape ``x.shape[:-1]``, bool) marks the rows that may be kept; rows outside it get probability 0,
+    which keeps the estimate unbiased only if their output gradient is zero (padding tokens).
 
     One ``KeptRows`` may serve several layers that read the same ``x``: each layer's gradient estimate stays
     unbiased and the rows are stored once. Under autocast the rows are stored in the autocast dtype, the
@@ -129,7 +137,12 @@ def keep_rows(
     dtype = compute_dtype(x)
     if k >= n:
         return KeptRows(x.detach().to(dtype), None, None, n)
-    indices, scales = draw_rows(row_probabilities(x2d, row_scores, floor), k, method, generator)
+    probs = row_probabilities(x2d, row_scores, floor)
+    if row_mask is not None:
+        if row_mask.shape != x.shape[:-1]:
+            raise ValueError(f"row_mask must have shape {tuple(x.shape[:-1])}; got {tuple(row_mask.shape)}")
+        probs = probs * row_mask.reshape(-1).to(probs.dtype)
+    indices, scales = draw_rows(probs, k, method, generator)
     if scales is None:
         if not torch.isfinite(x2d).all():
             raise ValueError(

@@ -15,11 +15,17 @@ counted at the storage's full size. Each storage gets one kind:
   that op, since it stays stored anyway, and listed in ``SavedReport.shared_linear_inputs``.
 * ``other``: everything else (elementwise products, embeddings' indices, position biases...).
 
-Findings on T5 (random init, CPU; ``results/memory_*.txt``): with dropout > 0 in training, no linear input is
-stored twice in T5: ``wo`` reads the dropout output, not the ReLU output; ``o`` reads a contiguous copy of the
-attention output that no other op keeps. With dropout 0 the ReLU output is ``wo``'s input and is shared (sampling
-``wo`` then adds 0.3 of it unless ReLU is compact), and the softmax output is the ``attn · V`` operand (the
-attention sampling keeps it whole for that reason).
+Findings on T5 (random init, CPU, fp32; ``results/memory_*.txt``):
+
+* With dropout > 0 in training no linear input is stored twice: ``wo`` reads the dropout output, not the ReLU
+  output, and ``o`` reads a contiguous copy of the attention output that no other op keeps (eager attention).
+* With dropout 0 the ReLU output *is* ``wo``'s input: stock PyTorch stores it once for both, so sampling ``wo``
+  adds 0.3 of it unless ReLU is compact (then it is 1 bit + 0.3). With SDPA and dropout 0, the SDPA output kept
+  by its backward can also be ``o``'s input (seen on CPU for cross-attention); sampling ``o`` saves nothing there.
+* In eager attention with dropout 0 the softmax output is the ``attn · V`` operand; attention sampling keeps it
+  whole for that reason (``wtacrs.attention``).
+* LoRA with dropout > 0: each of q/k/v's adapters stores its own dropped-out copy of the input (3 copies); with
+  dropout 0 they share one tensor, and sampling each adapter separately would store 3 samples of it.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ def _configure(module: nn.Module, budget, method, min_rows, floor, generator) ->
     module.sampler = None
     module.sampler_name = ""
     module.padding_aware = False
+    module.last_sample = ""  # what the last training forward stored, for describe()
 
 
 def _sampled_forward(module: nn.Module, x: Tensor, row_scores: Tensor | None, transposed: bool) -> Tensor:

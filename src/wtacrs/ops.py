@@ -26,6 +26,10 @@ DEFAULT_FLOOR = 0.1
 
 _INDEX_INT32_LIMIT = 2**31
 
+#: Autograd nodes that save their own output for backward. A layer reading such an output keeps all of it at no
+#: extra cost (the same storage is already held), so it takes the exact gradient instead of a sample.
+_OUTPUT_SAVING_NODES = frozenset({"ReluBackward0", "SoftmaxBackward0", "TanhBackward0", "SigmoidBackward0"})
+
 
 @dataclass(frozen=True)
 class KeptRows:
@@ -39,6 +43,7 @@ class KeptRows:
     indices: Tensor | None  # (m,) int32 (int64 for inputs of 2**31 rows or more)
     scales: Tensor | None  # (m,) float32
     num_rows: int  # N, the input's row count
+    already_saved_by: str | None = None  # the autograd node that saves the whole input anyway, if any
 
     @property
     def saved_tensors(self) -> tuple[Tensor, ...]:
@@ -124,6 +129,9 @@ def keep_rows(
     One ``KeptRows`` may serve several layers that read the same ``x``: each layer's gradient estimate stays
     unbiased and the rows are stored once. Under autocast the rows are stored in the autocast dtype, the
     dtype the layers compute in.
+
+    Nothing is stored twice: if ``x`` is the output of an op that saves its output anyway (ReLU, softmax, tanh,
+    sigmoid), all of ``x`` is kept by reference and the gradient is exact.
     """
     check_budget(budget)
     check_method(method)
@@ -137,6 +145,9 @@ def keep_rows(
     dtype = compute_dtype(x)
     if k >= n:
         return KeptRows(x.detach().to(dtype), None, None, n)
+    producer = type(x.grad_fn).__name__ if x.grad_fn is not None and x._base is None else None
+    if producer in _OUTPUT_SAVING_NODES and dtype == x.dtype:
+        return KeptRows(x.detach(), None, None, n, already_saved_by=producer)
     probs = row_probabilities(x2d, row_scores, floor)
     if row_mask is not None:
         if row_mask.shape != x.shape[:-1]:

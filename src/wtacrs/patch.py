@@ -37,6 +37,8 @@ class WtacrsConfig:
     share_inputs: bool
     padding_aware: bool
     grad_cache: bool
+    compact_masks: bool
+    sample_attention: bool
 
 
 @dataclass
@@ -44,6 +46,8 @@ class _PatchState:
     config: WtacrsConfig
     sampler: RowSampler
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = field(default_factory=list)  # parent, attr, old, new
+    masks_undo: list | None = None
+    attention_undo: object = None
 
 
 def apply_wtacrs(
@@ -57,6 +61,8 @@ def apply_wtacrs(
     share_inputs: bool = True,
     padding_aware: bool = True,
     grad_cache: GradNormCache | None = None,
+    compact_masks: bool = False,
+    sample_attention: bool = False,
 ) -> nn.Module:
     """Replace the target linear layers of ``model`` by sampled ones, in place; returns ``model``.
 
@@ -71,6 +77,10 @@ def apply_wtacrs(
             encoder-decoder model.
         grad_cache: a ``GradNormCache`` to weight rows by cached output-gradient norms; the batch must carry
             example ids under ``EXAMPLE_IDS_KEY`` (see ``wtacrs.hf.ExampleIdCollator``).
+        compact_masks: ReLU and dropout keep 1-bit masks instead of full tensors (lossless; ``wtacrs.masks``).
+        sample_attention: also sample the two attention matmuls (QKᵀ and attn·V) at ``budget``, the paper's
+            "level 2". This approximates activation gradients too (unbiased, more variance) and switches the
+            model to eager attention (``wtacrs.attention``).
 
     Applying again with the same settings does nothing; with other settings it is an error (call
     ``remove_wtacrs`` first).
@@ -85,7 +95,7 @@ def apply_wtacrs(
         raise ValueError(f"grad_cache must be a wtacrs.GradNormCache; got {type(grad_cache).__name__}")
     config = WtacrsConfig(
         float(budget), method, targets if isinstance(targets, str) else tuple(targets), min_rows, float(floor),
-        share_inputs, padding_aware, grad_cache is not None,
+        share_inputs, padding_aware, grad_cache is not None, bool(compact_masks), bool(sample_attention),
     )
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is not None:
@@ -119,6 +129,14 @@ def apply_wtacrs(
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         state.swaps.append((parent, attr, old, new))
+    if sample_attention:  # first: it is the one step that can still refuse the model (no eager attention)
+        from .attention import patch_attention_sampling
+
+        state.attention_undo = patch_attention_sampling(model, budget, method, min_rows=min_rows)
+    if compact_masks:
+        from .masks import patch_compact_masks
+
+        state.masks_undo = patch_compact_masks(model)
     for parent, attr, _old, new in state.swaps:
         setattr(parent, attr, new)
     model.register_forward_pre_hook(_begin_batch, with_kwargs=True)
@@ -144,6 +162,14 @@ def remove_wtacrs(model: nn.Module) -> nn.Module:
         raise ValueError("model is not patched by wtacrs.apply_wtacrs; nothing to remove")
     for parent, attr, old, _new in reversed(state.swaps):
         setattr(parent, attr, old)
+    if state.masks_undo is not None:
+        from .masks import unpatch
+
+        unpatch(state.masks_undo)
+    if state.attention_undo is not None:
+        from .attention import unpatch
+
+        unpatch(state.attention_undo)
     # Found by value rather than through a handle, which a deep copy of the model would not carry over.
     for hook_id, hook in list(model._forward_pre_hooks.items()):
         if hook is _begin_batch:
@@ -158,22 +184,27 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> str:
-    """A table of the sampled layers: name, budget, method, and what each stores for backward."""
+    """A table of the sampled layers: name, budget, method, and what each stored in its last training forward."""
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return "not patched by wtacrs"
     cfg = state.config
-    rows = [("module", "layer", "budget", "method", "stores for grad_weight")]
-    for parent, attr, _old, new in state.swaps:
+    rows = [("module", "layer", "budget", "method", "stores for grad_weight (last training step)")]
+    for _parent, _attr, _old, new in state.swaps:
         if not new.weight.requires_grad:
-            stores = "nothing (frozen weight)"
+            stores = "nothing: frozen weight"
         else:
-            stores = f"<= ceil({cfg.budget:g}*N) rows of its input (min {cfg.min_rows}) + int32 index + fp32 scale"
-            if cfg.share_inputs:
-                stores += ", one sample per shared input"
+            stores = new.last_sample or "not run in training yet"
         rows.append((new.sampler_name, type(new).__name__, f"{cfg.budget:g}", cfg.method, stores))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    extras = [f"padding-aware: {cfg.padding_aware}", f"gradient-norm cache: {cfg.grad_cache}"]
-    return "\n".join(lines + ["", f"{len(state.swaps)} sampled layers; " + "; ".join(extras)])
+    extras = [
+        f"{len(state.swaps)} sampled layers",
+        f"one sample per shared input: {cfg.share_inputs}",
+        f"padding-aware: {cfg.padding_aware}",
+        f"gradient-norm cache: {cfg.grad_cache}",
+        f"compact ReLU/dropout masks: {cfg.compact_masks}",
+        f"attention sampling: {cfg.sample_attention}",
+    ]
+    return "\n".join(lines + ["", "; ".join(extras)])

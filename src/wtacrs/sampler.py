@@ -43,6 +43,7 @@ class RowSampler:
         settings = (layer.budget, layer.method, layer.min_rows, layer.floor, id(layer.generator), layer.padding_aware)
         entry = self._shared.get(id(x)) if self.share_inputs else None
         if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == settings:
+            layer.last_sample = _summary(entry[3], shared=True)
             return entry[3]
         lead_shape = tuple(x.shape[:-1])
         row_mask = None
@@ -55,6 +56,7 @@ class RowSampler:
         kept = keep_rows(
             x, layer.budget, layer.method, row_scores, layer.generator, layer.min_rows, layer.floor, row_mask=row_mask
         )
+        layer.last_sample = _summary(kept)
         if self.share_inputs:
             key = id(x)
             self._shared[key] = (weakref.ref(x, lambda _ref, key=key: self._shared.pop(key, None)), x._version,
@@ -69,3 +71,14 @@ class RowSampler:
             return
         cache, name, ids = self.grad_cache, layer.sampler_name, self.example_ids
         output.register_hook(lambda grad: cache.record(name, ids, grad))
+
+
+def _summary(kept: KeptRows, shared: bool = False) -> str:
+    """What a layer stored in its last training forward, for ``describe`` (shapes only: no device sync)."""
+    if kept.already_saved_by is not None:
+        return f"whole input, already saved by {kept.already_saved_by}: exact gradient, no extra memory"
+    if kept.indices is None:
+        return f"all {kept.num_rows} rows (budget covers every row)"
+    rows = kept.rows.shape[0]
+    where = "shared with the layers reading the same input" if shared else "its own sample"
+    return f"{rows}/{kept.num_rows} rows ({rows / max(kept.num_rows, 1):.0%}), {where}"

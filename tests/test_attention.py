@@ -57,6 +57,18 @@ def test_sampled_matmul_forward_is_matmul_and_saves_less():
     assert sampled_matmul(a, b, 1.0).grad_fn.name() != "_SampledMatmulFunctionBackward"
 
 
+def test_sampled_matmul_under_autocast_matches_autocast_matmul():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 3, 40, 64, generator=g, requires_grad=True)
+    b = torch.randn(2, 3, 64, 40, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.matmul(a, b)
+        out = sampled_matmul(a, b, 0.3)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    out.float().sum().backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32
+
+
 def _attention(q, k, v, w, sampled: bool, dropout_like: bool, method="wta_crs"):
     """Eager attention ``softmax(q kᵀ) v``; ``dropout_like`` puts an op between softmax and the second matmul (as
     dropout does), so the softmax output is not reused and the attention matrix is sampled too."""

@@ -168,6 +168,11 @@ def sampled_matmul(
     k = num_kept_rows(a.shape[-1], budget, min_rows)
     if k >= a.shape[-1] or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         return torch.matmul(a, b)
+    device_type = a.device.type
+    if torch.is_autocast_enabled(device_type):  # cast as autocast's matmul would, so the kept operands are cast too
+        dtype = torch.get_autocast_dtype(device_type)
+        keep_a = keep_a and a.dtype == dtype  # a cast copy of a is not what the other op keeps
+        a, b = a.to(dtype), b.to(dtype)
     return _SampledMatmulFunction.apply(a, b, k, method, generator, keep_a)
 
 

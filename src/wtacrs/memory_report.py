@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -163,7 +164,7 @@ def _is_dropout_noise(t: Tensor) -> bool:
     return bool(top > 0) and bool(((t == 0) | (t == top)).all()) and bool((t == 0).any())
 
 
-def _kind_of(node_name: str, attr: str, t: Tensor, node_has_param: bool, module_class: str) -> str:
+def _kind_of(node_name: str, t: Tensor, node_has_param: bool, module_class: str) -> str:
     if node_name in _RELU_NODES:
         return "relu"
     if node_name in _DROPOUT_NODES:
@@ -233,7 +234,7 @@ def saved_by_kind(model: nn.Module, inputs: Mapping[str, Tensor] | Tensor, exclu
                 continue
             modules = origin.get(key, {("<unknown>", "")})
             module_class = " ".join(cls for _, cls in modules)
-            kind = _kind_of(name, attr, t, has_param, module_class)
+            kind = _kind_of(name, t, has_param, module_class)
             entry = storages.setdefault(key, {"nbytes": t.untyped_storage().nbytes(), "kinds": set(), "nodes": set(),
                                               "modules": {m for m, _ in modules}, "shape": tuple(t.shape),
                                               "dtype": str(t.dtype).removeprefix("torch.")})
@@ -305,8 +306,6 @@ def build_model(
     """A model for ``name_or_path``: a local Hugging Face folder (its weights if present) or a name in
     ``CONFIGS`` built from its config class with random initialisation (seed 0), with dropout set to ``dropout``
     and optionally fewer layers or a smaller vocabulary. Returns (model, family)."""
-    import os
-
     import transformers
 
     torch.manual_seed(0)
@@ -408,7 +407,7 @@ def measure_arms(
     return reports
 
 
-def format_reports(reports: Mapping[str, SavedReport], baselines: Mapping[str, str] | None = None) -> str:
+def format_reports(reports: Mapping[str, SavedReport]) -> str:
     """A table in MiB per arm and kind, with each arm's total relative to its stock base arm (full or lora)."""
     mib = 2**20
     header = f"{'arm':<22}{'total':>10}" + "".join(f"{k:>11}" for k in KINDS) + f"{'vs stock':>10}"

@@ -248,9 +248,12 @@ def prepare_model(model, method: str, config: RunConfig, grad_cache=None):
     if method in ("lora", "lora-wtacrs"):
         from peft import LoraConfig, TaskType, get_peft_model
 
+        # The classification head (and BERT's pooler in front of it) is new to the task: train it fully.
+        head = [n for n in ("classifier", "score", "pooler") if n in dict(model.named_children())
+                or any(name.endswith(f".{n}") for name, _ in model.named_modules())]
         lora = LoraConfig(
             task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.1,
-            target_modules=lora_target_names(model), bias="all",
+            target_modules=lora_target_names(model), bias="all", modules_to_save=head,
         )
         with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in 5.x
             warnings.simplefilter("ignore", FutureWarning)
@@ -329,6 +332,7 @@ def finetune(
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": _device_name(device),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine slows every timing here
         "versions": _versions(),
         "model": source.label,
         "config": asdict(config),

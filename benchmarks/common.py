@@ -41,6 +41,8 @@ def run_metadata(argv: list[str] | None = None) -> dict:
     return {
         "device": device_name(),
         "cpu_threads": torch.get_num_threads(),
+        # Other work on the machine slows every timing; the 1-minute load average at the end says how much.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "versions": versions,
         "git_commit": commit,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -186,13 +188,15 @@ class Arm:
     checkpointing: bool = False
     offload: bool = False
     compact_masks: bool = False
+    attention: bool = False  # also sample the two attention matmuls (the paper's full fine-tuning setting)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def parse_arm(name: str) -> Arm:
-    """``full|lora`` followed by ``+gc``, ``+wta@B``, ``+offload``, ``+masks`` in any order, e.g. ``lora+wta@0.1``."""
+    """``full|lora`` then ``+gc``, ``+wta@B``, ``+offload``, ``+masks`` (1-bit ReLU/dropout masks), ``+attn``
+    (attention matmuls sampled at the same budget; needs ``wta@B``) in any order, e.g. ``lora+wta@0.1+gc``."""
     parts = name.split("+")
     base = parts[0]
     if base not in ("full", "lora"):
@@ -205,13 +209,17 @@ def parse_arm(name: str) -> Arm:
             kw["offload"] = True
         elif part == "masks":
             kw["compact_masks"] = True
+        elif part == "attn":
+            kw["attention"] = True
         elif part.startswith("wta@"):
             try:
                 kw["budget"] = float(part[4:])
             except ValueError:
                 raise ValueError(f"arm {name!r}: 'wta@B' needs a number B in (0, 1]; got {part[4:]!r}") from None
         else:
-            raise ValueError(f"arm {name!r}: unknown part {part!r} (allowed: gc, offload, masks, wta@B)")
+            raise ValueError(f"arm {name!r}: unknown part {part!r} (allowed: gc, offload, masks, attn, wta@B)")
+    if kw.get("attention") and "budget" not in kw:
+        raise ValueError(f"arm {name!r}: 'attn' samples at the arm's budget, so it needs 'wta@B' too")
     return Arm(name=name, **kw)
 
 
@@ -224,7 +232,8 @@ DEFAULT_ARMS = (
 
 def prepare_model(model_name: str, arm: Arm, device: str) -> torch.nn.Module:
     """Build the model and apply the arm's fine-tuning recipe (LoRA, sampling, checkpointing) on ``device``."""
-    model = build_model(model_name).to(device)
+    with torch.device(device):  # initialise on the device: much faster than on the host for large models
+        model = build_model(model_name)
     if arm.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -234,8 +243,13 @@ def prepare_model(model_name: str, arm: Arm, device: str) -> torch.nn.Module:
         )
         model = get_peft_model(model, config)
     if arm.budget is not None:
-        apply_wtacrs = _apply_wtacrs()
-        apply_wtacrs(model, budget=arm.budget, targets="lora" if arm.lora else "full")
+        import wtacrs
+
+        wtacrs.apply_wtacrs(model, budget=arm.budget, targets="lora" if arm.lora else "full")
+    if arm.attention:
+        from wtacrs.attention import patch_attention_sampling
+
+        patch_attention_sampling(model, arm.budget)
     if arm.compact_masks:
         from wtacrs.masks import patch_compact_masks
 
@@ -248,12 +262,3 @@ def prepare_model(model_name: str, arm: Arm, device: str) -> torch.nn.Module:
     model.train()
     return model
 
-
-def _apply_wtacrs():
-    import wtacrs
-
-    if hasattr(wtacrs, "apply_wtacrs"):
-        return wtacrs.apply_wtacrs
-    from wtacrs.patch import apply_wtacrs  # before the package exports it
-
-    return apply_wtacrs

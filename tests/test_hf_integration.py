@@ -129,13 +129,14 @@ def test_example_id_collator_moves_ids_and_refuses_missing_ones():
         collate([{"x": 1}])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_autocast_keeps_rows_in_autocast_dtype_and_runs(dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_rows_in_autocast_dtype(dtype, kept_log):
     model = tiny_lora_model("llama")
     wtacrs.apply_wtacrs(model, targets="lora")
     with torch.autocast("cpu", dtype=dtype):
         loss = model(**tiny_batch("llama")).loss
     loss.backward()
+    assert kept_log and all(k.rows.dtype == dtype and k.scales.dtype == torch.float32 for k in kept_log)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 

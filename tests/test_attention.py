@@ -216,3 +216,20 @@ def test_patch_rejects_bad_arguments():
         attention.patch_attention_sampling(_tiny("bert"), 0.3, method="best")
     with pytest.raises(ValueError, match="no attention module"):
         attention.patch_attention_sampling(nn.Linear(2, 2), 0.3)
+
+
+def test_gradient_checkpointing_replays_the_same_sample():
+    # The checkpoint restores the RNG before recomputing, so the recomputed layer draws the same indices: the
+    # gradients equal those without checkpointing up to rounding (the saved shapes are fixed, as it requires).
+    batch = _batch("t5")
+    grads = []
+    for checkpointing in (False, True):
+        model = _tiny("t5")
+        attention.patch_attention_sampling(model, 0.3)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(3)
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item())

@@ -25,9 +25,10 @@ Saved bytes per element: 1/8 instead of 4 (ReLU fp32 output, CPU dropout noise) 
 
 Left as they are: GELU/SiLU/GELU-tanh and every other activation (not ReLU: their backward needs the input),
 ``nn.Dropout1d/2d/3d`` and ``AlphaDropout``, ``ReLU6``/``LeakyReLU``, and dropout inside fused kernels such as SDPA
-(which saves no mask). Gradient checkpointing recomputes a layer's own ``forward`` without module hooks, so a
-functional call made directly in that ``forward`` runs the stock op during recomputation; it draws the same bits,
-so gradients stay the same, only that recomputation keeps its stock-size mask until the layer's backward ends.
+(which saves no mask). Gradient checkpointing recomputes a layer's own ``forward`` without module hooks, so
+functional calls made directly in such a layer's ``forward`` body run the stock ops (in the forward too, where a
+checkpointed layer saves nothing anyway, so that both passes save the same tensors); the modules it calls keep
+using the compact ops.
 """
 
 from __future__ import annotations
@@ -179,34 +180,45 @@ _RELU_INPLACE = (F.relu_, torch.relu_, Tensor.relu_)
 class _CompactMasksMode(TorchFunctionMode):
     """Routes functional ReLU and dropout calls to the compact ops while a patched model's forward runs.
 
-    Entered by the outermost patched module call and left when it returns (``depth`` counts nesting), so modules
-    called inside one another enter it once.
+    Every module call pushes whether its own ``forward`` body may use the compact ops, and pops it on return; the
+    mode is entered by the outermost call. A layer that checkpoints itself (transformers'
+    ``GradientCheckpointingLayer`` with checkpointing on) recomputes its ``forward`` body without hooks, so there
+    the stock ops run in both passes and the saved tensors of forward and recomputation agree (the checkpoint
+    checks that); the modules it calls still use the compact ops in both.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.depth = 0
+        self.active: list[bool] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.dropout:
-            return compact_dropout(*args, **kwargs)
-        if func in _RELU:
-            return compact_relu(*args, **kwargs)
-        if func in _RELU_INPLACE:
-            return compact_relu(args[0], inplace=True)
+        if self.active and self.active[-1]:
+            if func is F.dropout:
+                return compact_dropout(*args, **kwargs)
+            if func in _RELU:
+                return compact_relu(*args, **kwargs)
+            if func in _RELU_INPLACE:
+                return compact_relu(args[0], inplace=True)
         return func(*args, **kwargs)
 
 
-def _enter(mode: _CompactMasksMode, *_args) -> None:
-    if mode.depth == 0:
+def _checkpoints_itself(module: nn.Module) -> bool:
+    return (
+        bool(getattr(module, "gradient_checkpointing", False)) and module.training and torch.is_grad_enabled()
+        and any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
+    )
+
+
+def _enter(mode: _CompactMasksMode, module: nn.Module) -> None:
+    if not mode.active:
         mode.__enter__()
-    mode.depth += 1
+    mode.active.append(not _checkpoints_itself(module))
 
 
-def _leave(mode: _CompactMasksMode, *_args) -> None:
-    mode.depth -= 1
-    if mode.depth == 0:
+def _leave(mode: _CompactMasksMode) -> None:
+    mode.active.pop()
+    if not mode.active:
         mode.__exit__(None, None, None)
 
 
@@ -250,7 +262,7 @@ def patch_compact_masks(model: nn.Module) -> list[tuple[str, object]]:
     mode = _CompactMasksMode()
     handles = []
     for module in model.modules():
-        handles.append(module.register_forward_pre_hook(lambda *a, _m=mode: _enter(_m)))
+        handles.append(module.register_forward_pre_hook(lambda m, *a, _m=mode: _enter(_m, m)))
         handles.append(module.register_forward_hook(lambda *a, _m=mode: _leave(_m), always_call=True))
     undo.append(("", _Hooks(handles)))
     return undo

@@ -184,9 +184,24 @@ def test_covered_modules_t5_and_peft_lora_dropout():
     assert type(layer.lora_dropout["default"]) is nn.Dropout
 
 
-def test_patch_rejects_non_module():
+def test_patch_rejects_non_module_and_second_patch():
     with pytest.raises(ValueError, match="model must be an nn.Module; got int"):
         masks.patch_compact_masks(3)
+    model = _tiny("bert")
+    undo = masks.patch_compact_masks(model)
+    with pytest.raises(ValueError, match="already has compact masks"):
+        masks.patch_compact_masks(model)
+    masks.unpatch(undo)
+    masks.unpatch(masks.patch_compact_masks(model))
+
+
+def test_patched_model_can_be_pickled(tmp_path):
+    model = _tiny("t5")
+    masks.patch_compact_masks(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loss, _, _ = _step(loaded, _batch("t5"))
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("family", ["t5", "opt"])

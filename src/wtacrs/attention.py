@@ -28,6 +28,8 @@ attention (and switched back by ``unpatch``).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -208,7 +210,7 @@ def _is_activation_pair(a, b) -> bool:
     )
 
 
-def _enter(mode: _AttentionSamplingMode, module: nn.Module) -> None:
+def _enter(mode: _AttentionSamplingMode, module: nn.Module, *_inputs) -> None:
     if module.training and torch.is_grad_enabled():
         if mode.depth == 0:
             mode.__enter__()
@@ -216,7 +218,7 @@ def _enter(mode: _AttentionSamplingMode, module: nn.Module) -> None:
         module._wtacrs_sampling_entered = True
 
 
-def _leave(mode: _AttentionSamplingMode, module: nn.Module) -> None:
+def _leave(mode: _AttentionSamplingMode, module: nn.Module, *_inputs_outputs) -> None:
     if module.__dict__.pop("_wtacrs_sampling_entered", False):
         mode.depth -= 1
         if mode.depth == 0:
@@ -285,8 +287,8 @@ def patch_attention_sampling(
     mode = _AttentionSamplingMode(float(budget), method, min_rows, generator)
     handles = []
     for module in modules:
-        handles.append(module.register_forward_pre_hook(lambda m, *a, _mode=mode: _enter(_mode, m)))
-        handles.append(module.register_forward_hook(lambda m, *a, _mode=mode: _leave(_mode, m), always_call=True))
+        handles.append(module.register_forward_pre_hook(partial(_enter, mode)))
+        handles.append(module.register_forward_hook(partial(_leave, mode), always_call=True))
     return _AttentionUndo(handles, owner, previous)
 
 

@@ -33,6 +33,8 @@ using the compact ops.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -173,6 +175,9 @@ class CompactDropout(nn.Dropout):
         return new
 
 
+#: Attribute of a patched model holding its functional-call mode (marks the model as patched).
+_MODE_ATTR = "_wtacrs_compact_masks_mode"
+
 _RELU = (F.relu, torch.relu, Tensor.relu)
 _RELU_INPLACE = (F.relu_, torch.relu_, Tensor.relu_)
 
@@ -210,13 +215,13 @@ def _checkpoints_itself(module: nn.Module) -> bool:
     )
 
 
-def _enter(mode: _CompactMasksMode, module: nn.Module) -> None:
+def _enter(mode: _CompactMasksMode, module: nn.Module, *_inputs) -> None:
     if not mode.active:
         mode.__enter__()
     mode.active.append(not _checkpoints_itself(module))
 
 
-def _leave(mode: _CompactMasksMode) -> None:
+def _leave(mode: _CompactMasksMode, *_module_inputs_outputs) -> None:
     mode.active.pop()
     if not mode.active:
         mode.__exit__(None, None, None)
@@ -231,23 +236,25 @@ class _ModuleSwap:
 
 
 class _Hooks:
-    def __init__(self, handles: list) -> None:
-        self.handles = handles
+    def __init__(self, model: nn.Module, handles: list) -> None:
+        self.model, self.handles = model, handles
 
     def undo(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.model.__dict__.pop(_MODE_ATTR, None)
 
 
 def patch_compact_masks(model: nn.Module) -> list[tuple[str, object]]:
     """Put compact ReLU and dropout into ``model`` in place (see the module docstring for what is covered).
 
     Returns the undo list for ``unpatch``: ``(module name, record)`` pairs; module swaps first, then the hooks
-    that scope the functional-call mode (name ``""``). Patching a model twice is harmless: already compact
-    modules are left alone and the mode is entered once.
+    that scope the functional-call mode (name ``""``). A model that already has compact masks is refused.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module; got {type(model).__name__}")
+    if hasattr(model, _MODE_ATTR):
+        raise ValueError("model already has compact masks; call wtacrs.masks.unpatch(undo_list) first")
     undo: list[tuple[str, object]] = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module._modules.items()):
@@ -262,9 +269,10 @@ def patch_compact_masks(model: nn.Module) -> list[tuple[str, object]]:
     mode = _CompactMasksMode()
     handles = []
     for module in model.modules():
-        handles.append(module.register_forward_pre_hook(lambda m, *a, _m=mode: _enter(_m, m)))
-        handles.append(module.register_forward_hook(lambda *a, _m=mode: _leave(_m), always_call=True))
-    undo.append(("", _Hooks(handles)))
+        handles.append(module.register_forward_pre_hook(partial(_enter, mode)))
+        handles.append(module.register_forward_hook(partial(_leave, mode), always_call=True))
+    setattr(model, _MODE_ATTR, mode)
+    undo.append(("", _Hooks(model, handles)))
     return undo
 
 

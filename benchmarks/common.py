@@ -111,6 +111,7 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
+    "t5-small": ModelSpec("t5", 512, 2048, 6, 8, 32128),  # CPU-sized timings
     "t5-base": ModelSpec("t5", 768, 3072, 12, 12, 32128),
     "t5-large": ModelSpec("t5", 1024, 4096, 24, 16, 32128),
     "bert-base": ModelSpec("bert", 768, 3072, 12, 12, 30522),

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         models=s["models"], arms=args.arms, precisions=["fp32"], batch_size=s["batch"], seq_len=s["seq"],
         steps=s["steps"], warmup=s["warmup"], device=args.device,
         largest_batch_arms=[a for a in LARGEST_BATCH_ARMS if a in args.arms], max_batch=s["max_batch"],
-        memory_limit=args.memory_limit, timeout=s["timeout"],
+        memory_limit=args.memory_limit, timeout=s["timeout"], threads=None,
     )
     memory_speed.check_args(mem_args)
     mem = memory_speed.run_study(mem_args)

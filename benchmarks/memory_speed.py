@@ -132,6 +132,8 @@ def largest_batch(trainer: Trainer, model_name: str, seq_len: int, start: int, m
 
 def run_worker(spec: dict) -> dict:
     device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     if device.startswith("cuda") and spec.get("memory_limit_gib"):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_limit_gib"] * GIB / total), device)
@@ -194,6 +196,7 @@ def run_study(args: argparse.Namespace) -> dict:
                     "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
                     "warmup": args.warmup, "search_largest_batch": arm in args.largest_batch_arms,
                     "max_batch": args.max_batch, "memory_limit_gib": args.memory_limit,
+                    "threads": args.threads,
                 }
                 row = run_arm(spec, args.timeout)
                 rows.append(row)
@@ -206,7 +209,7 @@ def format_row(row: dict) -> str:
     head = f"{row['model']:<10} {row['precision']:<4} {row['arm']:<20} "
     if "saved_bytes" not in row:
         return f"{head} ERROR {row.get('error')}"
-    parts = [f"saved {row['saved_bytes'] / GIB:8.3f} GiB"]
+    parts = [f"saved {row['saved_bytes'] / GIB:8.3g} GiB"]
     if row.get("peak_allocated_bytes") is not None:
         parts.append(f"peak {row['peak_allocated_bytes'] / GIB:7.2f} GiB")
     if "step_s" in row:
@@ -236,7 +239,7 @@ def table(result: dict, reference: str = "lora") -> str:
         step = r.get("step_s")
         step_ratio = f"{100 * (step / ref['step_s'] - 1):+.0f}%" if ref and step and "step_s" in ref else "–"
         cells = [
-            r["model"], r["precision"], r["arm"], f"{mem / GIB:.3f}" if mem is not None else "error",
+            r["model"], r["precision"], r["arm"], f"{mem / GIB:.3g}" if mem is not None else "error",
             ratio, f"{step:.2f}" if step else "–", f"{r['sentences_per_s']:.1f}" if step else "–", step_ratio,
         ]
         if on_cuda:
@@ -330,6 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=4096)
     parser.add_argument("--memory-limit", type=float, default=None,
                         help="GiB; emulate a smaller card with torch.cuda.set_per_process_memory_fraction")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per worker (default: torch's); 1 is steadier on a busy host")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per arm")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default results/bench_memory_<dev>.json)")
     parser.add_argument("--no-plot", action="store_true")

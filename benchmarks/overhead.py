@@ -101,6 +101,8 @@ def e2e_overhead(model: str, pairs: list[str], batch: int, seq: int, precision: 
 
 
 def run_study(args: argparse.Namespace) -> dict:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     layers = []
     for precision in args.precisions:
         for group in args.shapes:
@@ -185,6 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-batch", type=int, default=4)
     parser.add_argument("--e2e-steps", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="default results/bench_overhead_<device>.json")
     parser.add_argument("--no-plot", action="store_true")
 

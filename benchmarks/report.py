@@ -81,7 +81,7 @@ def frontier(memory: dict, model: str, precision: str = "fp32") -> list[str]:
     ref = next((r for r in rows if r["arm"] == "lora+gc"), None)
     if ref is None:
         return ["memory-throughput plane: no LoRA+GC row"]
-    out = [f"memory-throughput plane vs LoRA+GC ({model} {precision}: {ref[key] / GIB:.3f} GiB, "
+    out = [f"memory-throughput plane vs LoRA+GC ({model} {precision}: {ref[key] / GIB:.3g} GiB, "
            f"{ref['sentences_per_s']:.2f} sent/s):"]
     for r in rows:
         if r is ref:

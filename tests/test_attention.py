@@ -233,3 +233,34 @@ def test_gradient_checkpointing_replays_the_same_sample():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item())
+
+
+def test_dropped_out_attention_matrix_is_rebuilt_not_stored():
+    # With compact dropout after softmax, attn · V keeps nothing of the attention matrix beyond what softmax and
+    # dropout keep: grad_V is exact (the dropped-out matrix is rebuilt bit for bit), and the saved bytes of the
+    # matmul are V's sampled rows only.
+    from wtacrs.masks import compact_dropout
+
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(2, 3, 40, 40, generator=g, requires_grad=True)
+    v = torch.randn(2, 3, 40, 64, generator=g, requires_grad=True)
+    grad = torch.randn(2, 3, 40, 64, generator=g)
+    torch.manual_seed(9)
+    probs = scores.softmax(-1)
+    dropped = torch.nn.functional.dropout(probs, 0.1)
+    ref = dropped @ v
+    ref.backward(grad)
+    grad_v_ref = v.grad.clone()
+    v.grad = None
+    torch.manual_seed(9)
+    probs = scores.softmax(-1)
+    dropped = compact_dropout(probs, 0.1)
+    source = attention._source_of(dropped)
+    assert source is not None and source[0][0] is not None
+    with SavedTensors() as saved:
+        out = attention._sampled_matmul(dropped, v, 0.3, "wta_crs", None, 10, source)
+    assert torch.equal(out, ref)
+    k = 12  # ceil(0.3 * 40)
+    assert saved.nbytes - probs.numel() * 4 - (probs.numel() + 7) // 8 - 4 == 2 * 3 * (k * 64 * 4 + k * 8)
+    out.backward(grad)
+    torch.testing.assert_close(v.grad, grad_v_ref, rtol=0, atol=1e-6)

@@ -15,9 +15,10 @@ model's gradient stays unbiased (each matmul draws independently), but its varia
 
 Sampling probabilities mix the two operands' norms evenly (see ``_index_probabilities``). The number kept is
 ``num_kept_rows(K, budget, min_rows)``; all draws are stored (duplicates are not merged), so the saved shapes are
-fixed. An operand that another op keeps whole anyway (the softmax output feeding ``attn · V`` when attention
-dropout is off: softmax saves it for its own backward) is kept whole instead of sampled, which adds no memory and
-makes its partner's gradient exact.
+fixed. The attention matrix feeding ``attn · V`` is kept whole instead of sampled when other ops keep it anyway: the
+softmax output (softmax saves it for its own backward), or a compact dropout of it (``wtacrs.masks``: rebuilt in
+backward from the softmax output and the 1-bit mask). That adds no memory and makes ``grad_V`` exact; only
+``V``'s rows are sampled. With stock dropout the dropped-out matrix is sampled like any operand.
 
 ``patch_attention_sampling(model, budget)`` routes the two matmuls of every eager attention function in a model
 (T5, BERT/RoBERTa, GPT-2, OPT, LLaMA-family; any attention module whose class name ends in ``Attention`` and
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .masks import dropout_rebuilder
 from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, num_kept_rows
 
 __all__ = ["patch_attention_sampling", "sample_columns", "sampled_matmul", "unpatch"]
@@ -101,24 +103,33 @@ def _index_probabilities(a3: Tensor, b3: Tensor, keep_a: bool) -> Tensor:
     return na / na.sum(1, keepdim=True).clamp_min(tiny) + nb / nb.sum(1, keepdim=True).clamp_min(tiny)
 
 
+def _identity(a: Tensor) -> Tensor:
+    return a
+
+
 class _SampledMatmulFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, k: int, method: str, generator, keep_a: bool) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, k: int, method: str, generator, a_source) -> Tensor:
+        """``a_source``: ``None`` samples ``a``'s columns; ``(tensors, rebuild)`` keeps ``a = rebuild(*tensors)``
+        whole from tensors that other ops keep anyway."""
         out = torch.matmul(a, b)
         (m, kk), n = a.shape[-2:], b.shape[-1]
         a3, b3 = a.detach().reshape(-1, m, kk), b.detach().reshape(-1, kk, n)
-        probs = _index_probabilities(a3, b3, keep_a)
+        probs = _index_probabilities(a3, b3, keep_a=a_source is not None)
         indices, scales = sample_columns(probs, k, method, generator)
         b_kept = b3.gather(1, indices.unsqueeze(2).expand(-1, -1, n))
-        a_kept = a if keep_a else a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1))
+        if a_source is None:
+            a_saved, ctx.rebuild_a = (a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1)),), None
+        else:
+            a_saved, ctx.rebuild_a = a_source
         small = indices.to(torch.int32) if kk < 2**31 else indices
-        ctx.save_for_backward(a_kept, b_kept, small, scales)
-        ctx.keep_a, ctx.a_shape, ctx.b_shape = keep_a, a.shape, b.shape
+        ctx.save_for_backward(b_kept, small, scales, *a_saved)
+        ctx.a_shape, ctx.b_shape = a.shape, b.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        a_kept, b_kept, indices, scales = ctx.saved_tensors
+        b_kept, indices, scales, *a_saved = ctx.saved_tensors
         indices = indices.long()
         (m, kk), n = ctx.a_shape[-2:], ctx.b_shape[-1]
         g3 = grad_out.reshape(-1, m, n)
@@ -131,10 +142,10 @@ class _SampledMatmulFunction(torch.autograd.Function):
             grad_a = g3.new_zeros(g3.shape[0], m, kk).scatter_add_(2, indices.unsqueeze(1).expand(-1, m, -1), part)
             grad_a = grad_a.reshape(ctx.a_shape).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            if ctx.keep_a:
-                grad_b = a_kept.reshape(-1, m, kk).to(dtype).transpose(1, 2) @ g3
+            if ctx.rebuild_a is not None:  # a kept whole: exact
+                grad_b = ctx.rebuild_a(*a_saved).reshape(-1, m, kk).to(dtype).transpose(1, 2) @ g3
             else:
-                part = (a_kept.to(dtype) * scales.to(dtype).unsqueeze(1)).transpose(1, 2) @ g3  # (G, k, n)
+                part = (a_saved[0].to(dtype) * scales.to(dtype).unsqueeze(1)).transpose(1, 2) @ g3  # (G, k, n)
                 grad_b = g3.new_zeros(g3.shape[0], kk, n).scatter_add_(1, indices.unsqueeze(2).expand(-1, -1, n), part)
             grad_b = grad_b.reshape(ctx.b_shape).to(grad_out.dtype)
         return grad_a, grad_b, None, None, None, None
@@ -161,6 +172,10 @@ def sampled_matmul(
 
     Both gradients are unbiased estimates of plain PyTorch's (``"topk"`` excepted).
     """
+    return _sampled_matmul(a, b, budget, method, generator, min_rows, ((a,), _identity) if keep_a else None)
+
+
+def _sampled_matmul(a, b, budget, method, generator, min_rows, a_source) -> Tensor:
     check_budget(budget)
     check_method(method)
     if a.dim() < 3 or b.dim() != a.dim() or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
@@ -173,9 +188,28 @@ def sampled_matmul(
     device_type = a.device.type
     if torch.is_autocast_enabled(device_type):  # cast as autocast's matmul would, so the kept operands are cast too
         dtype = torch.get_autocast_dtype(device_type)
-        keep_a = keep_a and a.dtype == dtype  # a cast copy of a is not what the other op keeps
+        if a.dtype != dtype:  # a cast copy of a is not what the other ops keep
+            a_source = None
         a, b = a.to(dtype), b.to(dtype)
-    return _SampledMatmulFunction.apply(a, b, k, method, generator, keep_a)
+        if a_source is not None and a_source[1] is _identity:
+            a_source = ((a,), _identity)
+    return _SampledMatmulFunction.apply(a, b, k, method, generator, a_source)
+
+
+def _source_of(a: Tensor):
+    """How the attention matrix ``a`` can be kept at no cost: the softmax output itself (softmax keeps it), or a
+    compact dropout of it (rebuilt from the softmax output and the 1-bit mask, both kept anyway); else ``None``."""
+    node = a.grad_fn
+    if node is None:
+        return None
+    if type(node).__name__ == "SoftmaxBackward0":
+        return (a,), _identity
+    rebuilder = dropout_rebuilder(a)
+    source = node.next_functions[0][0] if rebuilder is not None else None
+    if source is None or type(source).__name__ != "SoftmaxBackward0":
+        return None
+    tensors, rebuild = rebuilder
+    return (source._saved_result, *tensors), rebuild
 
 
 _MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
@@ -193,11 +227,7 @@ class _AttentionSamplingMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _MATMULS and len(args) == 2 and not kwargs and _is_activation_pair(*args):
             a, b = args
-            # Softmax saves its output for its own backward: keeping it whole here costs nothing.
-            keep_a = a.grad_fn is not None and type(a.grad_fn).__name__ == "SoftmaxBackward0"
-            return sampled_matmul(
-                a, b, self.budget, self.method, self.generator, min_rows=self.min_rows, keep_a=keep_a
-            )
+            return _sampled_matmul(a, b, self.budget, self.method, self.generator, self.min_rows, _source_of(a))
         return func(*args, **kwargs)
 
 

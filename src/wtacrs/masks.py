@@ -33,6 +33,7 @@ using the compact ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "CompactReLU",
     "compact_dropout",
     "compact_relu",
+    "dropout_rebuilder",
     "pack_bits",
     "patch_compact_masks",
     "unpack_bits",
@@ -125,6 +127,26 @@ class _CompactDropoutFunction(torch.autograd.Function):
         (kept_value,) = rest
         noise = keep.to(grad_out.dtype) * kept_value
         return grad_out * noise, None
+
+
+def dropout_rebuilder(t: Tensor) -> tuple[tuple[Tensor, ...], Callable[..., Tensor]] | None:
+    """For ``t = compact_dropout(x, ...)``: the tensors that dropout saved and ``rebuild(x, *tensors) == t``
+    (bit-identical on CPU), so another op that needs ``t`` for backward can keep nothing more than ``x``. ``None``
+    when ``t`` is not a compact dropout output."""
+    node = t.grad_fn
+    if not isinstance(node, _CompactDropoutFunction._backward_cls):
+        return None
+    if node.fused:
+        return node.saved_tensors, partial(_rebuild_fused, scale=node.scale)
+    return node.saved_tensors, _rebuild_unfused
+
+
+def _rebuild_fused(x: Tensor, packed: Tensor, *, scale: float) -> Tensor:
+    return x * unpack_bits(packed, x.numel()).view(x.shape).to(x.dtype) * scale
+
+
+def _rebuild_unfused(x: Tensor, packed: Tensor, kept_value: Tensor) -> Tensor:
+    return x * (unpack_bits(packed, x.numel()).view(x.shape).to(x.dtype) * kept_value)
 
 
 def compact_relu(x: Tensor, inplace: bool = False) -> Tensor:

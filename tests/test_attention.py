@@ -216,6 +216,24 @@ def test_patch_rejects_bad_arguments():
         attention.patch_attention_sampling(_tiny("bert"), 0.3, method="best")
     with pytest.raises(ValueError, match="no attention module"):
         attention.patch_attention_sampling(nn.Linear(2, 2), 0.3)
+    model = _tiny("bert")
+    undo = attention.patch_attention_sampling(model, 0.3)
+    with pytest.raises(ValueError, match="already samples its attention"):
+        attention.patch_attention_sampling(model, 0.3)
+    attention.unpatch(undo)
+    attention.unpatch(attention.patch_attention_sampling(model, 0.3))
+
+
+def test_patch_through_peft_switches_to_eager_and_back():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_tiny("t5", attn="sdpa"), peft.LoraConfig(r=4, target_modules=["q", "k", "v"]))
+    undo = attention.patch_attention_sampling(model, 0.3)
+    inner = model.base_model.model.encoder.block[0].layer[0].SelfAttention
+    assert inner.config._attn_implementation == "eager"
+    loss = model(**_batch("t5")).loss
+    assert any("SampledMatmul" in type(n).__name__ for n in _graph_nodes(loss))
+    attention.unpatch(undo)
+    assert inner.config._attn_implementation == "sdpa"
 
 
 def test_gradient_checkpointing_replays_the_same_sample():

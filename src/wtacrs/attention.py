@@ -264,15 +264,21 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+#: Attribute marking a model whose attention is sampled (it holds the mode).
+_MODE_ATTR = "_wtacrs_attention_sampling_mode"
+_NEEDS_EAGER = "attention sampling needs eager attention; load the model with attn_implementation='eager'"
+
+
 class _AttentionUndo:
-    def __init__(self, handles: list, attn_model: nn.Module | None, previous: str | None) -> None:
-        self.handles, self.attn_model, self.previous = handles, attn_model, previous
+    def __init__(self, model: nn.Module, handles: list, attn_model: nn.Module | None, previous: str | None) -> None:
+        self.model, self.handles, self.attn_model, self.previous = model, handles, attn_model, previous
 
     def undo(self) -> None:
         for handle in self.handles:
             handle.remove()
         if self.attn_model is not None:
             self.attn_model.set_attn_implementation(self.previous)
+        self.model.__dict__.pop(_MODE_ATTR, None)
 
 
 def _ensure_eager(model: nn.Module, modules: list[nn.Module]) -> tuple[nn.Module | None, str | None]:
@@ -281,12 +287,12 @@ def _ensure_eager(model: nn.Module, modules: list[nn.Module]) -> tuple[nn.Module
         return None, None
     owner = next((m for m in model.modules() if hasattr(m, "set_attn_implementation")), None)
     if owner is None:
-        raise ValueError("attention sampling needs eager attention; load the model with attn_implementation='eager'")
+        raise ValueError(_NEEDS_EAGER)
     previous = owner.config._attn_implementation
     owner.set_attn_implementation("eager")
     if not all(c._attn_implementation == "eager" for c in configs):
         owner.set_attn_implementation(previous)
-        raise ValueError("attention sampling needs eager attention; load the model with attn_implementation='eager'")
+        raise ValueError(_NEEDS_EAGER)
     return owner, previous
 
 
@@ -308,6 +314,8 @@ def patch_attention_sampling(
     check_method(method)
     if min_rows < 1:
         raise ValueError(f"min_rows must be >= 1; got {min_rows}")
+    if hasattr(model, _MODE_ATTR):
+        raise ValueError("model already samples its attention; call wtacrs.attention.unpatch(undo) first")
     modules = [m for _, m in attention_modules(model)]
     if not modules:
         raise ValueError(
@@ -319,7 +327,8 @@ def patch_attention_sampling(
     for module in modules:
         handles.append(module.register_forward_pre_hook(partial(_enter, mode)))
         handles.append(module.register_forward_hook(partial(_leave, mode), always_call=True))
-    return _AttentionUndo(handles, owner, previous)
+    setattr(model, _MODE_ATTR, mode)
+    return _AttentionUndo(model, handles, owner, previous)
 
 
 def unpatch(undo: _AttentionUndo) -> None:

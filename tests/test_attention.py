@@ -236,13 +236,24 @@ def test_patch_through_peft_switches_to_eager_and_back():
     assert inner.config._attn_implementation == "sdpa"
 
 
-def test_gradient_checkpointing_replays_the_same_sample():
-    # The checkpoint restores the RNG before recomputing, so the recomputed layer draws the same indices: the
-    # gradients equal those without checkpointing up to rounding (the saved shapes are fixed, as it requires).
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["softmax-kept", "compact-dropout-rebuilt"])
+def test_gradient_checkpointing_replays_the_same_sample(dropout):
+    # The checkpoint restores the RNG before recomputing, so the recomputed layer draws the same indices (and
+    # dropout masks): the gradients equal those without checkpointing up to rounding (the saved shapes are fixed,
+    # as the checkpoint requires).
+    from wtacrs import masks
+
     batch = _batch("t5")
     grads = []
     for checkpointing in (False, True):
         model = _tiny("t5")
+        model.config.dropout_rate = dropout
+        for module in model.modules():
+            if type(module).__name__ == "T5Attention":
+                module.dropout = dropout
+            elif isinstance(module, nn.Dropout):
+                module.p = dropout
+        masks.patch_compact_masks(model)
         attention.patch_attention_sampling(model, 0.3)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -274,7 +285,7 @@ def test_dropped_out_attention_matrix_is_rebuilt_not_stored():
     probs = scores.softmax(-1)
     dropped = compact_dropout(probs, 0.1)
     source = attention._source_of(dropped)
-    assert source is not None and source[0][0] is not None
+    assert source is not None and source[0][0] is probs
     with SavedTensors() as saved:
         out = attention._sampled_matmul(dropped, v, 0.3, "wta_crs", None, 10, source)
     assert torch.equal(out, ref)

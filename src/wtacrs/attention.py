@@ -204,12 +204,11 @@ def _source_of(a: Tensor):
         return None
     if type(node).__name__ == "SoftmaxBackward0":
         return (a,), _identity
-    rebuilder = dropout_rebuilder(a)
-    source = node.next_functions[0][0] if rebuilder is not None else None
-    if source is None or type(source).__name__ != "SoftmaxBackward0":
+    parts = dropout_rebuilder(a)
+    if parts is None or parts[0].grad_fn is None or type(parts[0].grad_fn).__name__ != "SoftmaxBackward0":
         return None
-    tensors, rebuild = rebuilder
-    return (source._saved_result, *tensors), rebuild
+    probs, tensors, rebuild = parts
+    return (probs, *tensors), rebuild
 
 
 _MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)

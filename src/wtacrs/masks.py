@@ -94,6 +94,10 @@ class _CompactReLUFunction(torch.autograd.Function):
         return torch.where(passes, grad_out, 0.0), None
 
 
+#: Attribute of a compact dropout output holding ``(input, saved tensors, rebuild)``; see ``dropout_rebuilder``.
+_PARTS_ATTR = "_wtacrs_dropout_parts"
+
+
 def _dropout_kernel_is_fused(x: Tensor) -> bool:
     """Whether ``F.dropout`` on ``x``'s device runs ``native_dropout`` (ATen's ``is_fused_kernel_acceptable``)."""
     return x.device.type in ("cuda", "xpu", "lazy", "privateuseone")
@@ -107,7 +111,8 @@ class _CompactDropoutFunction(torch.autograd.Function):
             out, keep = torch.native_dropout(x, p, True)
             ctx.scale = 1.0 / (1.0 - p)
             ctx.fused = True
-            ctx.save_for_backward(pack_bits(keep))
+            ctx.parts = (pack_bits(keep),)
+            ctx.save_for_backward(*ctx.parts)
             return out
         # ATen's CPU path (_dropout): noise = bernoulli(1 - p) / (1 - p); out = x * noise.
         noise = torch.empty_like(x).bernoulli_(1.0 - p)  # empty_like keeps x's strides, as ATen's does
@@ -115,7 +120,8 @@ class _CompactDropoutFunction(torch.autograd.Function):
         out = x * noise
         ctx.fused = False
         # The kept value of noise, bit for bit as div_ rounded it (0 if nothing was kept: never used then).
-        ctx.save_for_backward(pack_bits(noise != 0), noise.max().reshape(()))
+        ctx.parts = (pack_bits(noise != 0), noise.max().reshape(()))
+        ctx.save_for_backward(*ctx.parts)
         return out
 
     @staticmethod
@@ -129,16 +135,15 @@ class _CompactDropoutFunction(torch.autograd.Function):
         return grad_out * noise, None
 
 
-def dropout_rebuilder(t: Tensor) -> tuple[tuple[Tensor, ...], Callable[..., Tensor]] | None:
-    """For ``t = compact_dropout(x, ...)``: the tensors that dropout saved and ``rebuild(x, *tensors) == t``
-    (bit-identical on CPU), so another op that needs ``t`` for backward can keep nothing more than ``x``. ``None``
-    when ``t`` is not a compact dropout output."""
-    node = t.grad_fn
-    if not isinstance(node, _CompactDropoutFunction._backward_cls):
-        return None
-    if node.fused:
-        return node.saved_tensors, partial(_rebuild_fused, scale=node.scale)
-    return node.saved_tensors, _rebuild_unfused
+def dropout_rebuilder(t: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Callable[..., Tensor]] | None:
+    """For ``t = compact_dropout(x, ...)``: ``(x, tensors, rebuild)`` with the tensors that dropout saved and
+    ``rebuild(x, *tensors) == t`` (bit-identical on CPU), so another op that needs ``t`` for backward can keep
+    nothing more than ``x``. ``None`` when ``t`` is not a compact dropout output.
+
+    The parts ride on ``t`` itself (not read back from the graph, which under gradient checkpointing would
+    trigger a recomputation), so they live exactly as long as ``t``.
+    """
+    return getattr(t, _PARTS_ATTR, None)
 
 
 def _rebuild_fused(x: Tensor, packed: Tensor, *, scale: float) -> Tensor:
@@ -168,7 +173,12 @@ def compact_dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: b
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if not training or p == 0.0 or p == 1.0 or x.numel() == 0 or not needs_grad:
         return F.dropout(x, p, training, inplace)
-    return _CompactDropoutFunction.apply(x, float(p))
+    out = _CompactDropoutFunction.apply(x, float(p))
+    node = out.grad_fn
+    rebuild = partial(_rebuild_fused, scale=node.scale) if node.fused else _rebuild_unfused
+    setattr(out, _PARTS_ATTR, (x, node.parts, rebuild))
+    del node.parts  # the node keeps its saved tensors only through save_for_backward
+    return out
 
 
 class CompactReLU(nn.ReLU):

@@ -12,6 +12,7 @@ from wtacrs import ops
 from wtacrs.hf import ExampleIdCollator
 from wtacrs.patch import EXAMPLE_IDS_KEY
 from test_patch import assert_unbiased, gradient_moments, gradients, saved_bytes
+from wtacrs.memory import SavedTensors
 from tiny_models import BATCH, SEQ, tiny_batch, tiny_lora_model, tiny_model
 
 
@@ -79,15 +80,41 @@ def test_padding_rows_are_never_kept_and_gradient_stays_unbiased(kept_log):
     assert_unbiased(mean, se, exact)
 
 
+def recomputed_layer_bytes(model, batch) -> int:
+    """Bytes one decoder layer saves when checkpointing recomputes it in backward: the same layer run without
+    checkpointing, on the inputs it receives in the model."""
+    checkpointing = model.is_gradient_checkpointing
+    model.gradient_checkpointing_disable()
+    layer = model.model.layers[0]
+    captured = {}
+    handle = layer.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(args=args, kwargs=kwargs), with_kwargs=True
+    )
+    model(**batch)
+    handle.remove()
+    with SavedTensors(exclude=model.parameters()) as saved:
+        layer(*captured["args"], **captured["kwargs"])
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return saved.nbytes
+
+
 def test_gradient_checkpointing_keeps_rows_unbiased_and_stores_less():
+    """With checkpointing, forward keeps only layer inputs; each layer's saved tensors exist only while it is
+    recomputed in backward. Sampling must keep the gradient unbiased (the recomputation draws the same rows) and
+    shrink that per-layer footprint, without adding to what forward keeps."""
     family = "llama"
     batch = tiny_batch(family)
     model = tiny_model(family)
     exact = gradients(copy.deepcopy(model), batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    checkpointed_only = saved_bytes(model, batch)
+    kept_by_forward = saved_bytes(model, batch)
+    recomputed = recomputed_layer_bytes(model, batch)
     wtacrs.apply_wtacrs(model, budget=0.3, targets="full")
-    assert saved_bytes(model, batch) < checkpointed_only
+    assert saved_bytes(model, batch) == kept_by_forward
+    sampled_recomputed = recomputed_layer_bytes(model, batch)
+    print(f"\nper-layer recomputation: stock {recomputed} B, sampled {sampled_recomputed} B")
+    assert sampled_recomputed < recomputed
     mean, se = gradient_moments(model, batch, draws=500)
     assert_unbiased(mean, se, exact)
 

@@ -266,8 +266,11 @@ def prepare_model(model, method: str, config: RunConfig, grad_cache=None):
 
         model = apply_wtacrs(model, budget=config.budget, targets="lora" if method == "lora-wtacrs" else "full",
                              grad_cache=grad_cache)
-    if config.gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gc:  # non-reentrant: the sampled layers' saved rows must be recomputed, not kept
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -293,7 +293,7 @@ def plot_saved(result: dict, path: Path) -> Path:
     rows = [r for r in result["rows"] if "saved_bytes" in r]
     groups = list(dict.fromkeys((r["model"], r["precision"]) for r in rows))
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(groups) * len(arms) / 4), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 2.0 + 0.3 * len(groups) * len(arms)), 4.5))
     width = 0.8 / len(arms)
     cmap = plt.get_cmap("tab20")
     for j, arm in enumerate(arms):
@@ -309,7 +309,7 @@ def plot_saved(result: dict, path: Path) -> Path:
     ax.set_ylabel("saved activations, GiB (log)")
     ax.set_title(f"Bytes autograd keeps for backward, batch {rows[0]['batch_size']}, seq {rows[0]['seq_len']} "
                  f"({result['meta']['device']})", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -108,11 +108,14 @@ def capture_pairs(args: argparse.Namespace) -> tuple[list[dict], dict]:
     model(**final).backward()
     for h in handles:
         h.remove()
-    pairs = [{"layer": name, **captured[name]} for name in names]
+    # Padding rows have a zero output gradient, add nothing to grad_W and are never kept by the padding-aware
+    # patch (``apply_wtacrs``); keep the real token rows only, so the budget is a fraction of real tokens.
+    real = final["attention_mask"].reshape(-1).bool()
+    pairs = [{"layer": name, "x": captured[name]["x"][real], "g": captured[name]["g"][real]} for name in names]
     info = {
         "finetune_losses": losses,
-        "rows": int(final["input_ids"].numel()),
-        "padding_fraction": float(1.0 - final["attention_mask"].float().mean()),
+        "rows": int(real.sum()),
+        "padded_rows_dropped": int((~real).sum()),
     }
     return pairs, info
 
@@ -195,20 +198,17 @@ def run_study(args: argparse.Namespace) -> dict:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (probs, budget, method): geometric mean over layers of relative MSE and of relative bias."""
+    """Per (probs, budget, method): mean over layers of relative MSE and of relative bias."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["probs"], r["budget"], r["method"]), []).append(r)
 
-    def gmean(values: list[float]) -> float:
-        values = [max(v, 1e-300) for v in values]
-        return math.exp(sum(math.log(v) for v in values) / len(values))
+    def mean(key: str, rs: list[dict]) -> float:
+        return sum(r[key] for r in rs) / len(rs)
 
     return [
-        {"probs": p, "budget": b, "method": m, "layers": len(rs),
-         "rel_mse_gmean": gmean([r["rel_mse"] for r in rs]),
-         "rel_bias_gmean": gmean([r["rel_bias"] for r in rs]),
-         "bias_noise_floor_gmean": gmean([r["bias_noise_floor"] for r in rs]) if m != "topk" else 0.0}
+        {"probs": p, "budget": b, "method": m, "layers": len(rs), "rel_mse_mean": mean("rel_mse", rs),
+         "rel_bias_mean": mean("rel_bias", rs), "bias_noise_floor_mean": mean("bias_noise_floor", rs)}
         for (p, b, m), rs in groups.items()
     ]
 
@@ -219,7 +219,7 @@ def table(result: dict) -> str:
         rows = [s for s in result["summary"] if s["probs"] == probs]
         budgets = sorted({s["budget"] for s in rows})
         methods = [m for m in METHODS if any(s["method"] == m for s in rows)]
-        lines.append(f"Relative MSE (geometric mean over {rows[0]['layers']} layers), row probabilities ~ {probs}; "
+        lines.append(f"Relative MSE (mean over {rows[0]['layers']} layers), row probabilities ~ {probs}; "
                      "top-k: relative bias (its whole error is bias)")
         lines.append("| budget | " + " | ".join(methods) + " |")
         lines.append("|---|" + "---|" * len(methods))
@@ -227,7 +227,7 @@ def table(result: dict) -> str:
             cells = []
             for m in methods:
                 s = next(s for s in rows if s["budget"] == b and s["method"] == m)
-                cells.append(f"bias {s['rel_bias_gmean']:.3f}" if m == "topk" else f"{s['rel_mse_gmean']:.4g}")
+                cells.append(f"bias {s['rel_bias_mean']:.3f}" if m == "topk" else f"{s['rel_mse_mean']:.4g}")
             lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -250,15 +250,15 @@ def plot(result: dict, path: Path) -> Path:
             if not rows:
                 continue
             colour, marker = styles[method]
-            ax.plot([s["budget"] for s in rows], [s["rel_mse_gmean"] for s in rows], color=colour, marker=marker,
+            ax.plot([s["budget"] for s in rows], [s["rel_mse_mean"] for s in rows], color=colour, marker=marker,
                     label=f"{method} rel. MSE" if method != "topk" else "topk rel. MSE (= bias²)")
         ax.set_yscale("log")
         ax.set_xlabel("budget (fraction of rows kept)")
-        ax.set_ylabel("relative MSE of grad_W (geo. mean over layers)")
+        ax.set_ylabel("relative MSE of grad_W (mean over layers)")
         ax.set_title(f"row probabilities ~ {probs}", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(f"MiniLM-L6 on SST-2, {result['capture']['rows']} token rows per layer "
+    fig.suptitle(f"MiniLM-L6 on SST-2, {result['capture']['rows']} real token rows per layer "
                  f"({result['meta']['device']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

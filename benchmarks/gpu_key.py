@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== overhead ===")
     print(overhead.table(ov))
     print("\n=== targets ===")
+    for model in s["models"]:
+        print("\n".join(report.frontier(mem, model)))
     print("\n".join(report.targets(mem, ov, model=s["models"][0])))
     print(f"\n{run_metadata()['device']}; wall time {time.perf_counter() - start:.0f} s; wrote {mem_path}, {ov_path}")
     return 0

@@ -224,6 +224,8 @@ def format_row(row: dict) -> str:
 def table(result: dict, reference: str = "lora") -> str:
     """Markdown table: one row per (model, precision, arm), ratios against ``reference`` of the same model."""
     on_cuda = any(r.get("peak_allocated_bytes") is not None for r in result["rows"])
+    if not any("step_s" in r for r in result["rows"]):
+        return saved_table(result, reference)
     mem_key = "peak_allocated_bytes" if on_cuda else "saved_bytes"
     mem_label = "peak GiB" if on_cuda else "saved act. GiB"
     lines = [
@@ -245,6 +247,22 @@ def table(result: dict, reference: str = "lora") -> str:
         if on_cuda:
             cells.append(str(r.get("largest_batch") or "–"))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def saved_table(result: dict, reference: str = "lora") -> str:
+    """Markdown table of saved-activation bytes only (runs with ``--steps 0``)."""
+    lines = [f"| model | prec | arm | saved act. GiB | MiB / sentence | {reference} / arm |", "|---|---|---|---|---|---|"]
+    refs = {(r["model"], r["precision"]): r for r in result["rows"] if r["arm"] == reference and "saved_bytes" in r}
+    for r in result["rows"]:
+        if "saved_bytes" not in r:
+            lines.append(f"| {r['model']} | {r['precision']} | {r['arm']} | error: {r.get('error')} | – | – |")
+            continue
+        ref = refs.get((r["model"], r["precision"]))
+        ratio = f"{ref['saved_bytes'] / r['saved_bytes']:.2f}x" if ref else "–"
+        per_sentence = r["saved_bytes"] / r["batch_size"] / 2**20
+        lines.append(f"| {r['model']} | {r['precision']} | {r['arm']} | {r['saved_bytes'] / GIB:.3g} | "
+                     f"{per_sentence:.1f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -32,11 +32,19 @@ def _configure(module: nn.Module, budget, method, min_rows, floor, generator) ->
 
 
 def _sampled_forward(module: nn.Module, x: Tensor, row_scores: Tensor | None, transposed: bool) -> Tensor:
-    if not module.training:
+    if not (module.training and torch.is_grad_enabled() and module.weight.requires_grad and module.budget < 1.0):
         return exact_linear(x, module.weight, module.bias, transposed)
+    return _sampled_training_forward(module, x, row_scores, transposed)
+
+
+# Sampling draws a data-dependent number of rows (one host sync) and keeps Python-side state (the shared-sample
+# table, describe()'s notes), so torch.compile runs it eagerly: one graph break per sampled layer in training.
+# Eval, no-grad and frozen-weight calls stay in the compiled graph.
+@torch.compiler.disable
+def _sampled_training_forward(module: nn.Module, x: Tensor, row_scores: Tensor | None, transposed: bool) -> Tensor:
     sampler = module.sampler
     kept = None
-    if sampler is not None and torch.is_grad_enabled() and module.weight.requires_grad and module.budget < 1.0:
+    if sampler is not None:
         kept = sampler.keep(module, x)
     out = sampled_linear(
         x, module.weight, module.bias, module.budget, module.method, row_scores, module.generator,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from .distributed import check_patchable, unwrap
 from .gradcache import GradNormCache
 from .layers import SampledConv1D, SampledLinear
 from .ops import DEFAULT_FLOOR
@@ -105,6 +106,7 @@ def apply_wtacrs(
             f"model is already patched with {state.config}; call wtacrs.remove_wtacrs(model) before applying "
             "other settings"
         )
+    check_patchable(model)
     names = resolve_targets(model, targets)
     modules = dict(model.named_modules())
     already = [n for n in names if isinstance(modules[n], (SampledLinear, SampledConv1D))]
@@ -113,7 +115,7 @@ def apply_wtacrs(
 
     sampler = RowSampler(share_inputs, grad_cache)
     state = _PatchState(config, sampler)
-    config_of_model = getattr(model, "config", None)
+    config_of_model = getattr(unwrap(model), "config", None)  # a DDP wrapper has no config; its module does
     encoder_decoder = bool(getattr(config_of_model, "is_encoder_decoder", False))
     settings = dict(budget=budget, method=method, min_rows=min_rows, floor=floor)
     for name in names:

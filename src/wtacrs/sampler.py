@@ -36,6 +36,9 @@ class RowSampler:
         """Set the batch's example ids and padding mask; called by a forward pre-hook on the patched model."""
         if self.grad_cache is not None:
             self.grad_cache.commit()
+        # A sample is shared within one forward only: an input tensor fed again (the same batch twice) must get
+        # fresh rows, or the steps' estimates would all repeat the first step's error.
+        self._shared.clear()
         self.example_ids = example_ids
         self.token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
 

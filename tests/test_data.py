@@ -141,3 +141,22 @@ def test_builtin_movie_task_broken_cache(tmp_path, monkeypatch):
     _fake_vader_sdist(tmp_path / data.VADER_SDIST, ["1\t2.0\tfine", "2\tbroken"])
     with pytest.raises(DataError, match=r"GroundTruth\.txt:2: expected id<TAB>score<TAB>sentence"):
         load_task("movies")
+
+
+def test_builtin_movie_task_without_network_says_how_to_fetch(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv("WTACRS_CACHE", str(tmp_path))
+    calls = []
+
+    def pip_fails(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version (no network)")
+
+    monkeypatch.setattr(data.subprocess, "run", pip_fails)
+    with pytest.raises(DataError, match=r"(?s)could not fetch vaderSentiment==3\.3\.2 with pip .*no network.*"
+                                        r"\n  python -m pip download --no-deps --no-binary :all: vaderSentiment==3\.3\.2 -d DIR"
+                                        r"\nand copy vaderSentiment-3\.3\.2\.tar\.gz to "):
+        load_task("movies")
+    assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "vaderSentiment==3.3.2",
+                            "-d", str(tmp_path)]

@@ -294,7 +294,7 @@ def _download_sdist(target: Path) -> None:
     if result.returncode != 0 or not (target / VADER_SDIST).is_file():
         raise DataError(
             f"could not fetch {VADER_REQUIREMENT} with pip (needed once for the built-in movie task):\n"
-            f"{result.stderr.strip()[-500:]}\nOn a machine with access to PyPI run\n  {' '.join(command[:-1])} DIR\n"
+            f"{result.stderr.strip()[-500:]}\nOn a machine with access to PyPI run\n  python {' '.join(command[1:-1])} DIR\n"
             f"and copy {VADER_SDIST} to {target} (or set WTACRS_CACHE to the folder holding it)"
         )
 

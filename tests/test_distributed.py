@@ -8,10 +8,12 @@ averages over ranks, averaged again over many steps, must match the exact gradie
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import socket
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,8 +373,19 @@ def test_checkpoint_recomputation_keeps_the_same_rows():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def test_unwrap_and_refusal_of_dtensor_free_models():
+def test_unwrap_sees_through_compile_and_plain_models_pass_the_check():
     model = tiny_net()
     assert unwrap(model) is model
     assert unwrap(torch.compile(model)) is model
     wtacrs.distributed.check_patchable(model)
+
+
+def test_torchrun_script_refuses_accelerate_with_fsdp(capsys):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "torchrun_finetune.py"
+    spec = importlib.util.spec_from_file_location("torchrun_finetune", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.parse_args(["--engine", "fsdp"]).engine == "fsdp"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--accelerate", "--engine", "fsdp"])
+    assert "--accelerate wraps with DDP here" in capsys.readouterr().err

@@ -63,6 +63,17 @@ def device_name(device: str | None = None) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def settings_dict(args) -> dict:
+    """``vars(args)`` made JSON-safe, with paths inside the repository written relative to its root."""
+    out = {}
+    for key, value in vars(args).items():
+        if isinstance(value, Path):
+            resolved = value.resolve()
+            value = str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(value)
+        out[key] = value
+    return out
+
+
 def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")

@@ -32,6 +32,7 @@ from .common import (
     parse_arm,
     prepare_model,
     run_metadata,
+    settings_dict,
     write_json,
 )
 
@@ -201,7 +202,7 @@ def run_study(args: argparse.Namespace) -> dict:
                 row = run_arm(spec, args.timeout)
                 rows.append(row)
                 print(format_row(row), flush=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_dict(args)
     return {"study": "memory_speed", "meta": run_metadata(), "settings": settings, "rows": rows}
 
 

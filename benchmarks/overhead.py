@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import MODELS, RESULTS_DIR, make_batch, run_metadata, synchronize, write_json
+from .common import MODELS, RESULTS_DIR, make_batch, run_metadata, settings_dict, synchronize, write_json
 
 #: (label, in_features, out_features): the linear shapes of the benchmark models.
 SHAPES = {
@@ -118,7 +118,7 @@ def run_study(args: argparse.Namespace) -> dict:
     if args.e2e_model:
         e2e = e2e_overhead(args.e2e_model, args.pairs, args.e2e_batch, args.seq_len, args.precisions[0],
                            args.device, args.warmup, args.e2e_steps)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_dict(args)
     return {"study": "overhead", "meta": run_metadata(), "settings": settings, "layers": layers, "e2e": e2e}
 
 

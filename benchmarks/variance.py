@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import REPO_ROOT, RESULTS_DIR, run_metadata, write_json
+from .common import REPO_ROOT, RESULTS_DIR, run_metadata, settings_dict, write_json
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "senteval" / "SST2"
 METHODS = ("wta_crs", "crs", "uniform", "topk")
@@ -191,7 +191,7 @@ def run_study(args: argparse.Namespace) -> dict:
         rows = _all_errors(pairs, args, generator)
     finally:
         torch.set_num_threads(threads)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_dict(args)
     settings["data"] = "../shared/data/senteval/SST2" if Path(args.data) == DEFAULT_DATA else str(args.data)
     return {"study": "variance", "meta": run_metadata(), "settings": settings, "capture": info, "rows": rows,
             "summary": summarize(rows)}

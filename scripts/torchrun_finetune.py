@@ -9,8 +9,8 @@ activation bytes, and writes one results file.
     accelerate launch --multi_gpu --num_processes 2 scripts/torchrun_finetune.py --accelerate   # GPUs
     torchrun --nproc-per-node 2 scripts/torchrun_finetune.py --accelerate   # Accelerate on CPU processes
 
-(``accelerate launch --cpu`` starts one process unless MPI is set up; under torchrun, ``Accelerator`` reads
-torchrun's environment and uses gloo.)
+(``accelerate launch --cpu`` starts one process unless MPI is set up. Under torchrun, ``Accelerator(cpu=True)``
+reads torchrun's environment and uses gloo; without ``cpu=True`` every process would train alone.)
 
 ``--model tiny`` (default) is a 2-layer random-init BERT with MiniLM's tokenizer, for checking the set-up on
 CPU; ``--model minilm`` or a local Hugging Face folder trains a real model. The device is CUDA (one GPU per rank,
@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.accelerate:
         from accelerate import Accelerator
 
-        accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+        # cpu=True is what makes Accelerate read torchrun's environment on CPU (gloo) instead of running alone.
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.bf16 else "no")
+        if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+            raise SystemExit(f"Accelerate set up {accelerator.num_processes} process(es) but WORLD_SIZE is "
+                             f"{os.environ.get('WORLD_SIZE')}: launch with accelerate launch or torchrun")
         device = accelerator.device
     else:
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
@@ -176,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             logits = model(**batch).logits.float()
             preds += logits[:, 0].tolist() if data.task.is_regression else logits.argmax(-1).tolist()
     peak, peak_kind = peak_memory(device)
+    # The engine must keep the replicas equal: compare a checksum of the full parameters across ranks.
+    from torch.distributed.tensor import DTensor
+
+    checksum = torch.stack([(p.full_tensor() if isinstance(p, DTensor) else p).detach().double().sum()
+                            for p in model.parameters()]).sum().reshape(1)
+    checksums = [torch.empty_like(checksum) for _ in range(world)]
+    dist.all_gather(checksums, checksum)
     mean_loss = torch.tensor(sum(losses[-steps:]) / max(1, steps), device=device)
     dist.all_reduce(mean_loss)  # the mean over ranks of each rank's last-epoch training loss
     mine = {"rank": rank, "shard": shard, "preds": preds, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
@@ -200,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             "global_batch": per_step,
             "steps": steps * args.epochs,
             "train_loss": float(mean_loss) / world,
+            "rank0_step_losses": losses,
+            "parameters_identical_across_ranks": all(torch.equal(c, checksums[0]) for c in checksums),
             "eval": scores,
             "ranks": [{k: v for k, v in r.items() if k not in ("shard", "preds")} for r in gathered],
             "versions": {"torch": torch.__version__, "wtacrs": wtacrs.__version__},
@@ -211,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results["ranks"]:
             print(f"  rank {r['rank']}: peak {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']}), "
                   f"saved activations {r['saved_activation_bytes'] / 2**20:.2f} MiB, train {r['train_time_s']:.1f} s")
+        print(f"parameters identical across ranks: {results['parameters_identical_across_ranks']}")
         print(f"results: {args.out}")
     if accelerator is None:
         dist.destroy_process_group()

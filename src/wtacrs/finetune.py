@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib.util
 import json
 import math
@@ -357,6 +358,9 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
 
     from .memory import SavedTensors
 
+    gc.collect()  # the previous run's model and optimiser sit in reference cycles (PEFT, hooks): free them first
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     random.seed(seed)
     torch.manual_seed(seed)
     _, model = load_model(source, task)

@@ -225,7 +225,8 @@ def test_patch_rejects_bad_arguments():
 
 
 def test_patch_through_peft_switches_to_eager_and_back():
-    peft = pytest.importorskip("peft")
+    import peft
+
     model = peft.get_peft_model(_tiny("t5", attn="sdpa"), peft.LoraConfig(r=4, target_modules=["q", "k", "v"]))
     undo = attention.patch_attention_sampling(model, 0.3)
     inner = model.base_model.model.encoder.block[0].layer[0].SelfAttention

@@ -15,9 +15,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import common, memory_speed, overhead, report, variance  # noqa: E402
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-
 
 def _check_meta(meta: dict) -> None:
     assert meta["device"].startswith(("cpu", "cuda"))

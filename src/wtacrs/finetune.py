@@ -323,7 +323,6 @@ def finetune(
     check_config(config, methods, seeds)
     source = resolve_model(config.model)
     datasets = [load_task(t, data_dir, config.max_train, config.max_eval) for t in tasks]
-    import torch
 
     device = _device(config.device)
     started = time.perf_counter()

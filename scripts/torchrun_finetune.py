@@ -20,10 +20,8 @@ NCCL) when available, else CPU (gloo).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import resource
 import shlex
 import sys
 import time
@@ -35,7 +33,7 @@ import torch.distributed as dist
 import wtacrs
 from wtacrs import metrics
 from wtacrs.data import DEFAULT_TASK, load_task
-from wtacrs.distributed import seed_ranks
+from wtacrs.distributed import eval_shard, gather_predictions, init_from_env, peak_memory, seed_ranks
 from wtacrs.memory import SavedTensors
 
 
@@ -98,12 +96,6 @@ def encode(tokenizer, examples, indices: list[int], max_length: int, device) -> 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def peak_memory(device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     accelerator = None
@@ -117,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{os.environ.get('WORLD_SIZE')}: launch with accelerate launch or torchrun")
         device = accelerator.device
     else:
-        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=5))
+        device = init_from_env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = dist.get_rank(), dist.get_world_size()
 
     data = load_task(args.task, args.data_dir, args.max_train, args.max_eval)
@@ -168,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     train_time = time.perf_counter() - start
 
     model.eval()
-    # Every rank predicts its share of the eval set. Shares are padded to one length (repeating an example, counted
-    # once) because DDP and FSDP2 forwards are collective: every rank must run the same number of them.
-    shard = list(range(rank, len(data.eval), world))
-    shard += shard[-1:] * (-(-len(data.eval) // world) - len(shard))
+    shard = eval_shard(len(data.eval), rank, world)  # padded: DDP and FSDP2 forwards are collective
     preds = []
     with torch.no_grad(), autocast:
         for i in range(0, len(shard), 2 * args.batch_size):
@@ -189,15 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     dist.all_gather(checksums, checksum)
     mean_loss = torch.tensor(sum(losses[-steps:]) / max(1, steps), device=device)
     dist.all_reduce(mean_loss)  # the mean over ranks of each rank's last-epoch training loss
-    mine = {"rank": rank, "shard": shard, "preds": preds, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+    all_preds = gather_predictions(shard, preds, len(data.eval))
+    mine = {"rank": rank, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
             "saved_activation_bytes": saved_bytes, "train_time_s": train_time}
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
 
     if rank == 0:
-        by_index = {i: p for r in gathered for i, p in zip(r["shard"], r["preds"])}
-        labels = [e.label for e in data.eval]
-        scores = metrics.compute(data.task.score, [by_index[i] for i in range(len(labels))], labels)
+        scores = metrics.compute(data.task.score, all_preds, [e.label for e in data.eval])
         results = {
             "format": "wtacrs-distributed-results/1",
             "command": shlex.join(sys.argv),
@@ -214,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "rank0_step_losses": losses,
             "parameters_identical_across_ranks": all(torch.equal(c, checksums[0]) for c in checksums),
             "eval": scores,
-            "ranks": [{k: v for k, v in r.items() if k not in ("shard", "preds")} for r in gathered],
+            "ranks": gathered,
             "versions": {"torch": torch.__version__, "wtacrs": wtacrs.__version__},
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -180,3 +180,31 @@ def test_minilm_learns_sst2_with_lora_wtacrs():
     run = results["experiments"][0]["runs"][0]
     assert run["metrics"]["accuracy"] >= MINILM_SST2_MIN_ACCURACY
     assert run["saved_activation_bytes"] > 0
+
+
+def test_torchrun_two_processes_train_with_ddp_and_gather_on_rank_0(tmp_path, tiny_bert, sst_dir):
+    """`torchrun --nproc-per-node 2 -m wtacrs.cli finetune` on CPU (gloo): one results file, from rank 0."""
+    import subprocess
+    import sys
+
+    (sst_dir / "dev.tsv").write_text("\n".join(f"{i % 2}\ta film , number {i}" for i in range(15)) + "\n")
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "wtacrs.cli",
+         "finetune", "--quiet", "--model", str(tiny_bert), "--task", "sst2", "--data-dir", str(sst_dir),
+         "--method", "lora-wtacrs", "--batch-size", "16", "--max-length", "32", "--lora-r", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"results: {out}") == 1  # only rank 0 prints
+    results = json.loads(out.read_text())
+    assert results["world_size"] == 2 and results["per_rank_batch_size"] == 8
+    run = results["experiments"][0]["runs"][0]
+    assert [r["rank"] for r in run["ranks"]] == [0, 1]
+    for r in run["ranks"]:
+        assert r["peak_memory_bytes"] > 0 and r["saved_activation_bytes"] > 0
+        assert r["saved_activation_batch_tokens"] <= 8 * 32  # 8 of the 16 examples per rank
+    assert run["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in run["ranks"])
+    # Metrics cover all 15 eval sentences (gathered from both ranks), not one rank's 7 or 8.
+    assert set(run["metrics"]) == {"accuracy", "score"}
+    assert run["metrics"]["accuracy"] * 15 == pytest.approx(round(run["metrics"]["accuracy"] * 15))

@@ -13,6 +13,13 @@ best epoch's metrics (as the paper does on GLUE dev). The results file holds the
 seed with their mean and standard deviation, memory (saved-activation bytes of one training batch, and the
 peak: CUDA's max allocated, or the process's peak RSS on CPU), time, throughput, versions and the command.
 Everything loads with ``local_files_only``: nothing is downloaded from a model hub.
+
+Under ``torchrun --nproc-per-node N`` (or ``accelerate launch``; ``WORLD_SIZE`` > 1) it trains with DDP: gloo on
+CPU, NCCL with one GPU per rank (``LOCAL_RANK``) on CUDA. ``--batch-size`` stays the global batch: each rank
+trains on every ``N``-th example of it, and draws its own rows (``wtacrs.distributed.seed_ranks``). The ranks
+evaluate interleaved shares of the eval set and gather their predictions, so metrics cover the whole eval set.
+Each run's ``ranks`` lists every rank's peak memory and saved-activation bytes; ``peak_memory_bytes`` is the
+largest peak, ``saved_activation_bytes`` rank 0's (one per-rank batch). Only rank 0 prints and writes the file.
 """
 
 from __future__ import annotations
@@ -22,11 +29,9 @@ import datetime
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import random
-import resource
 import shlex
 import statistics
 import sys
@@ -88,7 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, help="learning rate (default: 1e-4 full/wtacrs, 1e-3 lora/lora-wtacrs)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="examples per step over all processes: under torchrun each of N ranks trains on "
+                             "batch-size / N of them (default 32)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are cut)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -118,17 +125,25 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, FinetuneError) as e:
         print(f"wtacrs finetune: error: {e}", file=sys.stderr)
         return 2
+    from .distributed import current_rank
+
+    if current_rank() != 0:  # rank 0 holds the gathered results
+        return 0
     write_results(results, args.out)
     for exp in results["experiments"]:
         mean, std = exp["mean"], exp["std"]
         print(f"{exp['task']:>8} {exp['method']:<12} score {mean['score']:.2f} ± {std['score']:.2f}  "
               f"saved activations {mean['saved_activation_bytes'] / 2**20:.1f} MiB  "
               f"train {mean['train_time_s']:.0f} s  ({len(exp['runs'])} seed(s))")
+        for run_ in exp["runs"]:
+            for r in run_.get("ranks", ()):
+                print(f"{'':>8} seed {run_['seed']} rank {r['rank']}: peak {r['peak_memory_bytes'] / 2**20:.0f} MiB "
+                      f"({r['peak_memory_kind']}), saved activations {r['saved_activation_bytes'] / 2**20:.1f} MiB")
     print(f"results: {args.out}")
     return 0
 
 
-def check_config(config: RunConfig, methods: list[str], seeds: list[int]) -> None:
+def check_config(config: RunConfig, methods: list[str], seeds: list[int], world: int = 1) -> None:
     """Every option check, before anything is loaded."""
     from .sampling import check_budget
 
@@ -139,6 +154,9 @@ def check_config(config: RunConfig, methods: list[str], seeds: list[int]) -> Non
     for name in ("epochs", "batch_size", "max_length", "lora_r", "lora_alpha"):
         if getattr(config, name) < 1:
             raise FinetuneError(f"{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
+    if config.batch_size < world:
+        raise FinetuneError(f"batch-size must be >= the number of processes ({world}): each one trains on "
+                            f"batch-size / {world} examples of every batch; got {config.batch_size}")
     if config.lr is not None and not config.lr > 0:
         raise FinetuneError(f"lr must be > 0; got {config.lr}")
     if not 0 <= config.warmup < 1:
@@ -319,25 +337,47 @@ def finetune(
     quiet: bool = False,
     command: str | None = None,
 ) -> dict:
-    """Run every (task, method, seed); returns the results document that ``write_results`` saves."""
-    check_config(config, methods, seeds)
+    """Run every (task, method, seed); returns the results document that ``write_results`` saves.
+
+    Launched by torchrun with ``WORLD_SIZE`` > 1 it joins (and afterwards leaves) the process group and trains
+    with DDP; every rank returns the same document.
+    """
+    import torch.distributed as dist
+
+    from .distributed import init_from_env, launched_world_size
+
+    try:
+        world = launched_world_size()
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    check_config(config, methods, seeds, world)
     source = resolve_model(config.model)
     datasets = [load_task(t, data_dir, config.max_train, config.max_eval) for t in tasks]
 
     device = _device(config.device)
-    started = time.perf_counter()
-    experiments = []
-    for data in datasets:
-        tokenizer, _ = load_model(source, None)
-        train, eval_ = (Encoded(tokenizer, split, config.max_length) for split in (data.train, data.eval))
-        for method in methods:
-            runs = [train_one(source, data.task, train, eval_, method, seed, config, device, quiet) for seed in seeds]
-            experiments.append(_experiment(data, method, config, runs))
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        device = init_from_env(device)
+    try:
+        started = time.perf_counter()
+        experiments = []
+        for data in datasets:
+            tokenizer, _ = load_model(source, None)
+            train, eval_ = (Encoded(tokenizer, split, config.max_length) for split in (data.train, data.eval))
+            for method in methods:
+                runs = [train_one(source, data.task, train, eval_, method, seed, config, device, quiet, world)
+                        for seed in seeds]
+                experiments.append(_experiment(data, method, config, runs))
+    finally:
+        if own_group:
+            dist.destroy_process_group()
     return {
         "format": "wtacrs-results/1",
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": _device_name(device),
+        "world_size": world,
+        "per_rank_batch_size": config.batch_size // world,  # the first batch-size % world ranks get one more
         "load_average_1min": os.getloadavg()[0],  # other work on the machine slows every timing here
         "versions": _versions(),
         "model": source.label,
@@ -350,12 +390,20 @@ def finetune(
 
 
 def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, seed: int, config: RunConfig,
-              device, quiet: bool) -> dict:
-    """Train one (method, seed) from the pretrained weights; eval after each epoch; the best epoch's results."""
+              device, quiet: bool, world: int = 1) -> dict:
+    """Train one (method, seed) from the pretrained weights; eval after each epoch; the best epoch's results.
+
+    With ``world`` > 1 (process group initialised) the model is wrapped in DDP and each rank trains on every
+    ``world``-th example of each global batch.
+    """
     import torch
     from tqdm import tqdm
 
+    from .distributed import current_rank, peak_memory, seed_ranks
     from .memory import SavedTensors
+
+    rank = current_rank()
+    quiet = quiet or rank != 0
 
     gc.collect()  # the previous run's model and optimiser sit in reference cycles (PEFT, hooks): free them first
     if device.type == "cuda":
@@ -371,21 +419,30 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
     model = prepare_model(model, method, config, grad_cache).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr or DEFAULT_LR[method], weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    # A last partial batch smaller than the number of ranks would leave a rank without examples: dropped.
+    steps_per_epoch = len(train) // config.batch_size + (len(train) % config.batch_size >= world)
+    if steps_per_epoch == 0:
+        raise FinetuneError(f"{len(train)} training example(s) cannot feed {world} processes: need at least {world}")
     total = steps_per_epoch * config.epochs
     warmup = max(1, round(config.warmup * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    extra = _id_kwargs(grad_cache, list(range(min(config.batch_size, len(train)))), device)
+    if world > 1:
+        seed_ranks(seed)  # after the weights exist: the same initial weights, independent rows per rank
+    first_indices = list(range(min(config.batch_size, len(train))))[rank::world]
 
     model.train()
-    first = train.batch(list(range(min(config.batch_size, len(train)))), device)
-    with SavedTensors(exclude=model.parameters()) as saved, autocast:
-        model(**first, **extra)
+    first = train.batch(first_indices, device)
+    with SavedTensors(exclude=model.parameters()) as saved, autocast:  # before DDP wraps: no collective
+        model(**first, **_id_kwargs(grad_cache, first_indices, device))
     saved_bytes, saved_tokens = saved.nbytes, int(first["input_ids"].numel())
     del first
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -399,7 +456,7 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
             order = torch.randperm(len(train), generator=order_rng).tolist()
             loss_sum, start = 0.0, time.perf_counter()
             for step in range(steps_per_epoch):
-                indices = order[step * config.batch_size : (step + 1) * config.batch_size]
+                indices = order[step * config.batch_size : (step + 1) * config.batch_size][rank::world]
                 batch = train.batch(indices, device)
                 with autocast:
                     loss = model(**batch, **_id_kwargs(grad_cache, indices, device)).loss
@@ -415,11 +472,13 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
                 bar.update()
             train_time += time.perf_counter() - start
             eval_start = time.perf_counter()
-            metrics = evaluate(model, eval_, task, config, device)
-            epochs.append({"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "metrics": metrics,
+            metrics = evaluate(model, eval_, task, config, device, world)
+            train_loss = statistics.fmean(_all_ranks(loss_sum, world)) / steps_per_epoch  # mean of rank means
+            epochs.append({"epoch": epoch, "train_loss": train_loss, "metrics": metrics,
                            "eval_time_s": time.perf_counter() - eval_start})
-            bar.write(f"{task.name} {method} seed {seed} epoch {epoch}: train loss {loss_sum / steps_per_epoch:.4f}, "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if not quiet:
+                bar.write(f"{task.name} {method} seed {seed} epoch {epoch}: train loss {train_loss:.4f}, "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     except torch.OutOfMemoryError:
         raise FinetuneError(
             f"{device} ran out of memory at batch size {config.batch_size} (max length {config.max_length}, "
@@ -429,11 +488,12 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
     finally:
         bar.close()
     best = max(epochs, key=lambda e: e["metrics"]["score"])
-    if device.type == "cuda":
-        peak, peak_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    else:  # ru_maxrss is in KiB on Linux; the process's peak so far, model and data included
-        peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
-    return {
+    peak, peak_kind = peak_memory(device)
+    ranks = _all_ranks({"rank": rank, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+                        "saved_activation_bytes": saved_bytes, "saved_activation_batch_tokens": saved_tokens,
+                        "train_tokens": tokens, "train_time_s": train_time}, world)
+    tokens = sum(r["train_tokens"] for r in ranks)
+    result = {
         "seed": seed,
         "best_epoch": best["epoch"],
         "metrics": best["metrics"],
@@ -443,27 +503,47 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
         "examples_per_s": len(train) * config.epochs / train_time,
         "saved_activation_bytes": saved_bytes,
         "saved_activation_batch_tokens": saved_tokens,
-        "peak_memory_bytes": peak,
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks),
         "peak_memory_kind": peak_kind,
         "trainable_params": sum(p.numel() for p in trainable),
     }
+    if world > 1:
+        result["ranks"] = ranks
+    return result
 
 
-def evaluate(model, data: Encoded, task: Task, config: RunConfig, device) -> dict[str, float]:
+def evaluate(model, data: Encoded, task: Task, config: RunConfig, device, world: int = 1) -> dict[str, float]:
+    """Metrics over the whole eval set; with ``world`` > 1 each rank predicts its share and all gather them."""
     import torch
 
     from . import metrics
+    from .distributed import current_rank, eval_shard, gather_predictions, unwrap
 
+    model = unwrap(model)  # eval forwards need no collective: each rank runs the plain module on its share
     model.eval()
+    shard = eval_shard(len(data), current_rank(), world) if world > 1 else list(range(len(data)))
     preds = []
-    size = 2 * config.batch_size
+    size = max(1, 2 * config.batch_size // world)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-        for start in range(0, len(data), size):
-            batch = data.batch(list(range(start, min(start + size, len(data)))), device)
+        for start in range(0, len(shard), size):
+            batch = data.batch(shard[start : start + size], device)
             batch.pop("labels")
             logits = model(**batch).logits.float()
             preds += logits[:, 0].tolist() if task.is_regression else logits.argmax(-1).tolist()
+    if world > 1:
+        preds = gather_predictions(shard, preds, len(data))
     return metrics.compute(task.score, preds, data.labels)
+
+
+def _all_ranks(value, world: int) -> list:
+    """``value`` from every rank, in rank order (``[value]`` in a single process)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def _id_kwargs(grad_cache, indices: list[int], device) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -79,6 +80,27 @@ def write_json(path: Path, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
 
+
+
+def study_main(study, argv: list[str] | None, default_out: Callable[[argparse.Namespace], Path]) -> int:
+    """The command line every study shares: parse and check arguments, run, write the results file and its
+    plot, print the table. ``study`` is the module (``add_arguments``, ``check_args``, ``run_study``, ``plot``,
+    ``table``); ``default_out`` names the results file when ``--out`` is not given."""
+    parser = argparse.ArgumentParser(description=study.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    study.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        study.check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    result = study.run_study(args)
+    out = args.out or default_out(args)
+    write_json(out, result)
+    if not args.no_plot:
+        study.plot(result, out.with_suffix(".png"))
+    print("\n" + study.table(result))
+    print(f"\nwrote {out}")
+    return 0
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):

@@ -28,12 +28,12 @@ from .common import (
     REPO_ROOT,
     RESULTS_DIR,
     make_batch,
+    study_main,
     median_time,
     parse_arm,
     prepare_model,
     run_metadata,
     settings_dict,
-    write_json,
 )
 
 PRECISIONS = ("fp32", "bf16")
@@ -377,22 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         print(RESULT_PREFIX + json.dumps(run_worker(json.loads(argv[1]))), flush=True)
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    result = run_study(args)
-    out = args.out or RESULTS_DIR / f"bench_memory_{args.device.split(':')[0]}.json"
-    write_json(out, result)
-    if not args.no_plot:
-        result["plot"] = str(plot(result, out.with_suffix(".png")))
-    print("\n" + table(result))
-    print(f"\nwrote {out}")
-    return 0
-
+    return study_main(
+        sys.modules[__name__], argv, lambda args: RESULTS_DIR / f"bench_memory_{args.device.split(':')[0]}.json"
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

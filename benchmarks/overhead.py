@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import MODELS, RESULTS_DIR, make_batch, run_metadata, settings_dict, synchronize, write_json
+from .common import MODELS, RESULTS_DIR, make_batch, run_metadata, settings_dict, study_main, synchronize
 
 #: (label, in_features, out_features): the linear shapes of the benchmark models.
 SHAPES = {
@@ -209,22 +209,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    result = run_study(args)
-    out = args.out or RESULTS_DIR / f"bench_overhead_{args.device.split(':')[0]}.json"
-    write_json(out, result)
-    if not args.no_plot:
-        plot(result, out.with_suffix(".png"))
-    print("\n" + table(result))
-    print(f"\nwrote {out}")
-    return 0
-
+    return study_main(
+        sys.modules[__name__], argv, lambda args: RESULTS_DIR / f"bench_overhead_{args.device.split(':')[0]}.json"
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import REPO_ROOT, RESULTS_DIR, run_metadata, settings_dict, write_json
+from .common import REPO_ROOT, RESULTS_DIR, run_metadata, settings_dict, study_main
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "senteval" / "SST2"
 METHODS = ("wta_crs", "crs", "uniform", "topk")
@@ -296,21 +296,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    result = run_study(args)
-    write_json(args.out, result)
-    if not args.no_plot:
-        plot(result, args.out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {args.out}")
-    return 0
-
+    return study_main(sys.modules[__name__], argv, lambda args: args.out)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,13 +21,7 @@ DTYPES = [torch.bfloat16, torch.float16]
 ROUNDING = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small gain nothing from threads, which only add waiting (a lot, on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def saved_dtypes(fn) -> tuple[set[torch.dtype], object]:

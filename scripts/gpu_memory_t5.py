@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from wtacrs.memory_report import build_model, make_inputs, prepare_arm, saved_by_kind
+from wtacrs.app.memory_report import build_model, make_inputs, prepare_arm
+from wtacrs.memory import saved_by_kind
 
 
 def run_arm(arm: str, args: argparse.Namespace) -> dict:

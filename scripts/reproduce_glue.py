@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from wtacrs import report
-from wtacrs.finetune import METHODS, RunConfig, finetune, write_results
+from wtacrs.app import report
+from wtacrs.app.finetune import METHODS, RunConfig, finetune, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 #: task -> folder under the shared data root

@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 
 import wtacrs
-from wtacrs import metrics
-from wtacrs.data import DEFAULT_TASK, load_task
-from wtacrs.distributed import eval_shard, gather_predictions, init_from_env, peak_memory, seed_ranks
+from wtacrs.app import metrics
+from wtacrs.app.data import DEFAULT_TASK, load_task
+from wtacrs.distributed import seed_ranks
+from wtacrs.app.launch import eval_shard, gather_predictions, init_from_env, peak_memory
 from wtacrs.memory import SavedTensors
 
 

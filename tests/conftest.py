@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from wtacrs.demo import heavy_tailed_rows
+from wtacrs.app.demo import heavy_tailed_rows
 from wtacrs.memory import SavedTensors
 
 #: Chance that an unbiased estimator fails ``assert_unbiased`` (family-wise over all entries of one check).

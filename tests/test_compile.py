@@ -16,7 +16,7 @@ from conftest import max_abs_z, z_threshold
 from torch import nn
 
 import wtacrs
-from wtacrs.demo import heavy_tailed_rows
+from wtacrs.app.demo import heavy_tailed_rows
 
 D, CLASSES = 16, 4
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from wtacrs import data
-from wtacrs.data import DataError, load_task
+from wtacrs.app import data
+from wtacrs.app.data import DataError, load_task
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the project")

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import wtacrs
-from wtacrs.demo import heavy_tailed_rows
+from wtacrs.app.demo import heavy_tailed_rows
 from wtacrs.distributed import rank_seed, seed_ranks, unwrap
 from wtacrs.memory import SavedTensors
 

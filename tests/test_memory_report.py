@@ -9,9 +9,10 @@ import torch
 import transformers
 
 from wtacrs import masks
-from wtacrs.cli import main
+from wtacrs.app.cli import main
 from wtacrs.memory import SavedTensors
-from wtacrs.memory_report import format_reports, measure_arms, parse_arm, saved_by_kind
+from wtacrs.app.memory_report import format_reports, measure_arms, parse_arm
+from wtacrs.memory import saved_by_kind
 
 
 def _tiny_t5(dropout: float) -> transformers.T5ForConditionalGeneration:

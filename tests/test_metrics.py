@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from wtacrs import metrics
+from wtacrs.app import metrics
 
 
 def test_accuracy_and_f1_by_hand():

@@ -12,9 +12,9 @@ import argparse
 import torch
 from torch import Tensor
 
-from .memory import SavedTensors
-from .ops import sampled_linear
-from .sampling import METHODS
+from ..memory import SavedTensors
+from ..ops import sampled_linear
+from ..sampling import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -43,7 +43,7 @@ class Task:
 
     name: str
     title: str
-    score: str  # key of wtacrs.metrics.TASK_SCORE
+    score: str  # key of wtacrs.app.metrics.TASK_SCORE
     num_labels: int  # 1 = regression
     header: tuple[str, str | None, str] | None = None
     headerless: tuple[tuple[int, tuple[int, int | None, int]], ...] = ()  # (column count, layout); 0 = any

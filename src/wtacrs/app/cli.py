@@ -8,10 +8,10 @@ import sys
 
 # name -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("wtacrs.demo", "exact vs CRS vs WTA-CRS on heavy-tailed data: error and stored rows"),
-    "finetune": ("wtacrs.finetune", "fine-tune a local Hugging Face model on a GLUE-format or built-in task"),
-    "compare": ("wtacrs.report", "paper-style table and plot from finetune results files"),
-    "memory": ("wtacrs.memory_report", "saved-activation bytes by kind (linear, relu, dropout, attention...) per arm"),
+    "demo": ("wtacrs.app.demo", "exact vs CRS vs WTA-CRS on heavy-tailed data: error and stored rows"),
+    "finetune": ("wtacrs.app.finetune", "fine-tune a local Hugging Face model on a GLUE-format or built-in task"),
+    "compare": ("wtacrs.app.report", "paper-style table and plot from finetune results files"),
+    "memory": ("wtacrs.app.memory_report", "saved-activation bytes by kind (linear, relu, dropout, attention...) per arm"),
 }
 
 

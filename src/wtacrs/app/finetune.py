@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, FinetuneError) as e:
         print(f"wtacrs finetune: error: {e}", file=sys.stderr)
         return 2
-    from .distributed import current_rank
+    from ..distributed import current_rank
 
     if current_rank() != 0:  # rank 0 holds the gathered results
         return 0
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check_config(config: RunConfig, methods: list[str], seeds: list[int], world: int = 1) -> None:
     """Every option check, before anything is loaded."""
-    from .sampling import check_budget
+    from ..sampling import check_budget
 
     try:
         check_budget(config.budget)
@@ -281,7 +281,7 @@ def prepare_model(model, method: str, config: RunConfig, grad_cache=None):
             warnings.simplefilter("ignore", FutureWarning)
             model = get_peft_model(model, lora)
     if method in ("wtacrs", "lora-wtacrs"):
-        from .patch import apply_wtacrs
+        from ..patch import apply_wtacrs
 
         model = apply_wtacrs(model, budget=config.budget, targets="lora" if method == "lora-wtacrs" else "full",
                              grad_cache=grad_cache)
@@ -344,7 +344,7 @@ def finetune(
     """
     import torch.distributed as dist
 
-    from .distributed import init_from_env, launched_world_size
+    from .launch import init_from_env, launched_world_size
 
     try:
         world = launched_world_size()
@@ -399,8 +399,10 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
     import torch
     from tqdm import tqdm
 
-    from .distributed import current_rank, peak_memory, seed_ranks
-    from .memory import SavedTensors
+    from ..distributed import current_rank, seed_ranks
+
+    from .launch import peak_memory
+    from ..memory import SavedTensors
 
     rank = current_rank()
     quiet = quiet or rank != 0
@@ -413,7 +415,7 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
     _, model = load_model(source, task)
     grad_cache = None
     if config.probs == "gradcache" and "wtacrs" in method:
-        from .gradcache import GradNormCache
+        from ..gradcache import GradNormCache
 
         grad_cache = GradNormCache(capacity=len(train), max_length=config.max_length)
     model = prepare_model(model, method, config, grad_cache).to(device)
@@ -517,7 +519,8 @@ def evaluate(model, data: Encoded, task: Task, config: RunConfig, device, world:
     import torch
 
     from . import metrics
-    from .distributed import current_rank, eval_shard, gather_predictions, unwrap
+    from ..distributed import current_rank, unwrap
+    from .launch import eval_shard, gather_predictions
 
     model = unwrap(model)  # eval forwards need no collective: each rank runs the plain module on its share
     model.eval()
@@ -551,7 +554,7 @@ def _id_kwargs(grad_cache, indices: list[int], device) -> dict:
         return {}
     import torch
 
-    from .patch import EXAMPLE_IDS_KEY
+    from ..patch import EXAMPLE_IDS_KEY
 
     return {EXAMPLE_IDS_KEY: torch.tensor(indices, dtype=torch.int64, device=device)}
 

@@ -279,12 +279,9 @@ def prepare_model(model_name: str, arm: Arm, device: str) -> torch.nn.Module:
     if arm.budget is not None:
         import wtacrs
 
-        wtacrs.apply_wtacrs(model, budget=arm.budget, targets="lora" if arm.lora else "full")
-    if arm.attention:
-        from wtacrs.attention import patch_attention_sampling
-
-        patch_attention_sampling(model, arm.budget)
-    if arm.compact_masks:
+        wtacrs.apply_wtacrs(model, budget=arm.budget, targets="lora" if arm.lora else "full",
+                            compact_masks=arm.compact_masks, sample_attention=arm.attention)
+    elif arm.compact_masks:
         from wtacrs.masks import patch_compact_masks
 
         patch_compact_masks(model)

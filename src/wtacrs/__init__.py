@@ -1,6 +1,7 @@
 """wtacrs: fine-tune transformers with less activation memory via unbiased Winner-Take-All Column-Row Sampling."""
 
 from .gradcache import GradNormCache
+from .health import NonFiniteInputError
 from .layers import SampledConv1D, SampledLinear
 from .ops import KeptRows, keep_rows, sampled_linear
 from .patch import apply_wtacrs, describe, is_patched, remove_wtacrs
@@ -12,6 +13,7 @@ __all__ = [
     "METHODS",
     "GradNormCache",
     "KeptRows",
+    "NonFiniteInputError",
     "SampledConv1D",
     "SampledLinear",
     "apply_wtacrs",

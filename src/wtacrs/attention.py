@@ -14,75 +14,54 @@ both are unbiased estimates of the exact gradients (plain PyTorch: ``torch.matmu
 model's gradient stays unbiased (each matmul draws independently), but its variance grows. Off by default.
 
 Sampling probabilities mix the two operands' norms evenly (see ``_index_probabilities``). The number kept is
-``num_kept_rows(K, budget, min_rows)``; all draws are stored (duplicates are not merged), so the saved shapes are
-fixed. The attention matrix feeding ``attn · V`` is kept whole instead of sampled when other ops keep it anyway: the
-softmax output (softmax saves it for its own backward), or a compact dropout of it (``wtacrs.masks``: rebuilt in
-backward from the softmax output and the 1-bit mask). That adds no memory and makes ``grad_V`` exact; only
-``V``'s rows are sampled. With stock dropout the dropped-out matrix is sampled like any operand.
+``num_kept_rows(K, budget, min_rows)``; the saved shapes are fixed. The attention matrix feeding ``attn · V`` is kept
+whole instead of sampled when other ops keep it anyway: the softmax output (softmax saves it for its own backward),
+or a compact dropout of it (``wtacrs.masks``: rebuilt in backward from the softmax output and the 1-bit mask).
+That adds no memory and makes ``grad_V`` exact; only ``V``'s rows are sampled.
 
-``patch_attention_sampling(model, budget)`` routes the two matmuls of every eager attention function in a model
-(T5, BERT/RoBERTa, GPT-2, OPT, LLaMA-family; any attention module whose class name ends in ``Attention`` and
-that calls ``torch.matmul`` on two activations) through ``sampled_matmul`` while that module runs in training.
-SDPA/flash attention keep no attention matrix and have no matmul to sample, so the model is switched to eager
-attention (and switched back by ``unpatch``).
+``patch_attention(model, budget)`` gives every attention module (class name ending in ``Attention``) a copy of its
+forward, and of the eager attention function it calls, in which ``torch.matmul`` of two activations goes to
+``sampled_matmul`` while the module trains (``wtacrs.rebind``: decided at patch time, no per-call interception).
+This is the model's own eager code, so it works wherever the model computes attention with ``torch.matmul`` in
+Python: every transformers version for models that call an ``eager_attention_forward`` function or compute
+attention inline (T5, BERT/RoBERTa, GPT-2, OPT, LLaMA-family, GPT-NeoX, DistilBERT, BART, ...). SDPA/flash attention
+keep no attention matrix and have no matmul to sample, so the model is switched to eager attention (and back by
+``unpatch``); a model that cannot switch (transformers before 5 chooses BERT's attention class when the model is
+built) must be loaded with ``attn_implementation="eager"``.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from .masks import dropout_rebuilder
-from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, num_kept_rows
+from .health import Health
+from .masks import compact_dropout, dropout_with_mask, rebuild_dropout
+from .rebind import Replacements, calls_any, set_forward
+from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, check_min_rows, draw, num_kept_rows
 
-__all__ = ["patch_attention_sampling", "sample_columns", "sampled_matmul", "unpatch"]
+__all__ = ["patch_attention", "sample_columns", "sampled_matmul", "unpatch"]
 
 
 def sample_columns(
     probs: Tensor, k: int, method: Method = "wta_crs", generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``sampling.sample_rows`` for each row of ``probs`` (G, K) at once, with ``k`` fixed slots per row.
+    """``sampling.draw`` for each row of ``probs`` (G, K) at once, with ``k`` fixed slots per row.
 
     Returns ``(indices, scales)``, both (G, k): int64 indices into ``K`` (a repeated draw appears in several
     slots) and float32 scales such that ``sum_t scales[g, t] * term[g, indices[g, t]]`` is an unbiased estimate of
-    ``sum_j term[g, j]`` (biased for ``"topk"``). No host synchronisation.
+    ``sum_j term[g, j]`` (biased for ``"topk"``). No host synchronisation; non-finite weights count as 0.
     """
     check_method(method)
     g, n = probs.shape
     if not 1 <= k <= n:
         raise ValueError(f"k (indices to keep) must be in [1, {n}]; got {k}")
     p = probs.detach().float()
-    p = torch.where(torch.isfinite(p) & (p > 0), p, torch.zeros_like(p))
-    if method == "uniform":
-        p = torch.ones_like(p)
-    total = p.sum(1, keepdim=True)
-    tiny = torch.finfo(torch.float32).tiny
-    # An all-zero row has all-zero terms: any index gives the exact (zero) answer.
-    p = torch.where(total > 0, p / total.clamp_min(tiny), torch.full_like(p, 1.0 / n))
-    top_p, top_idx = torch.topk(p, k, dim=1, sorted=True)
-    if method == "topk":
-        return top_idx, torch.ones_like(top_p)
-    slots = torch.arange(k, device=p.device)
-    if method == "wta_crs":
-        # rest[:, c] = mass outside the c largest, c = 0..k-1; the winner count minimises rest / (k - c).
-        rest = (1.0 - torch.cumsum(top_p, 1) + top_p).clamp_min(0.0)
-        c = torch.argmin(rest / (k - slots).float(), dim=1, keepdim=True)
-        is_winner = slots < c
-    else:
-        is_winner = torch.zeros(g, k, dtype=torch.bool, device=p.device)
-    draws = (k - is_winner.sum(1, keepdim=True)).float()
-    rest_p = p.scatter(1, top_idx, torch.where(is_winner, torch.zeros_like(top_p), top_p))
-    rest_mass = rest_p.sum(1, keepdim=True)
-    has_rest = rest_mass > 0
-    drawn = torch.multinomial(torch.where(has_rest, rest_p, p), k, replacement=True, generator=generator)
-    draw_scale = torch.where(has_rest, rest_mass / (draws * p.gather(1, drawn)), torch.zeros_like(top_p))
-    drawn = torch.where(has_rest, drawn, top_idx[:, :1])
-    indices = torch.where(is_winner, top_idx, drawn)
-    scales = torch.where(is_winner, torch.ones_like(draw_scale), draw_scale)
-    return indices, scales
+    p = torch.where(torch.isfinite(p) & (p > 0), p, 0.0)
+    if k == n:
+        return torch.arange(n, device=p.device).expand(g, n), torch.ones(g, n, device=p.device)
+    return draw(p, k, method, generator)
 
 
 def _index_probabilities(a3: Tensor, b3: Tensor, keep_a: bool) -> Tensor:
@@ -95,35 +74,35 @@ def _index_probabilities(a3: Tensor, b3: Tensor, keep_a: bool) -> Tensor:
     attention inputs its mean of 2,000 gradient estimates lay up to 88 standard errors from the exact value (a
     heavy tail, not a bias). The mixture keeps each scale within twice the one-operand choice.
     """
-    nb = torch.linalg.vector_norm(b3.float(), dim=2)
+    nb = torch.linalg.vector_norm(b3, dim=2, dtype=torch.float32)
     if keep_a:
         return nb
-    na = torch.linalg.vector_norm(a3.float(), dim=1)
+    na = torch.linalg.vector_norm(a3, dim=1, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     return na / na.sum(1, keepdim=True).clamp_min(tiny) + nb / nb.sum(1, keepdim=True).clamp_min(tiny)
 
 
-def _identity(a: Tensor) -> Tensor:
-    return a
-
-
 class _SampledMatmulFunction(torch.autograd.Function):
+    """``torch.matmul(a, b)`` keeping sampled columns of ``a`` and rows of ``b``. ``a`` is kept whole instead when
+    ``keep_a`` (``a`` is the softmax output, saved anyway), or rebuilt as ``rebuild_dropout(a_source, packed,
+    value)`` when ``a`` is a compact dropout of the softmax output ``a_source``."""
+
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, k: int, method: str, generator, a_source) -> Tensor:
-        """``a_source``: ``None`` samples ``a``'s columns; ``(tensors, rebuild)`` keeps ``a = rebuild(*tensors)``
-        whole from tensors that other ops keep anyway."""
+    def forward(ctx, a, b, k: int, method: str, generator, keep_a: bool, a_source, packed, value, counter):
         out = torch.matmul(a, b)
         (m, kk), n = a.shape[-2:], b.shape[-1]
         a3, b3 = a.detach().reshape(-1, m, kk), b.detach().reshape(-1, kk, n)
-        probs = _index_probabilities(a3, b3, keep_a=a_source is not None)
-        indices, scales = sample_columns(probs, k, method, generator)
+        whole = keep_a or a_source is not None
+        indices, scales = draw(_index_probabilities(a3, b3, keep_a=whole), k, method, generator, counter)
         b_kept = b3.gather(1, indices.unsqueeze(2).expand(-1, -1, n))
-        if a_source is None:
-            a_saved, ctx.rebuild_a = (a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1)),), None
+        if keep_a:
+            a_saved = (a,)
+        elif a_source is not None:
+            a_saved = (a_source, packed, value)
         else:
-            a_saved, ctx.rebuild_a = a_source
-        small = indices.to(torch.int32) if kk < 2**31 else indices
-        ctx.save_for_backward(b_kept, small, scales, *a_saved)
+            a_saved = (a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1)),)
+        ctx.whole = whole
+        ctx.save_for_backward(b_kept, indices.to(torch.int32) if kk < 2**31 else indices, scales, *a_saved)
         ctx.a_shape, ctx.b_shape = a.shape, b.shape
         return out
 
@@ -142,13 +121,14 @@ class _SampledMatmulFunction(torch.autograd.Function):
             grad_a = g3.new_zeros(g3.shape[0], m, kk).scatter_add_(2, indices.unsqueeze(1).expand(-1, m, -1), part)
             grad_a = grad_a.reshape(ctx.a_shape).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            if ctx.rebuild_a is not None:  # a kept whole: exact
-                grad_b = ctx.rebuild_a(*a_saved).reshape(-1, m, kk).to(dtype).transpose(1, 2) @ g3
+            if ctx.whole:  # a kept whole: exact
+                a = a_saved[0] if len(a_saved) == 1 else rebuild_dropout(*a_saved)
+                grad_b = a.reshape(-1, m, kk).to(dtype).transpose(1, 2) @ g3
             else:
                 part = (a_saved[0].to(dtype) * scales.to(dtype).unsqueeze(1)).transpose(1, 2) @ g3  # (G, k, n)
                 grad_b = g3.new_zeros(g3.shape[0], kk, n).scatter_add_(1, indices.unsqueeze(2).expand(-1, -1, n), part)
             grad_b = grad_b.reshape(ctx.b_shape).to(grad_out.dtype)
-        return grad_a, grad_b, None, None, None, None
+        return grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
 def sampled_matmul(
@@ -170,14 +150,17 @@ def sampled_matmul(
         keep_a: save ``a`` whole (when another op saves it anyway): ``grad_b`` is then exact and only ``b``'s
             rows are sampled.
 
-    Both gradients are unbiased estimates of plain PyTorch's (``"topk"`` excepted).
+    Both gradients are unbiased estimates of plain PyTorch's (``"topk"`` excepted). A NaN or Inf operand makes them
+    NaN, as without sampling.
     """
-    return _sampled_matmul(a, b, budget, method, generator, min_rows, ((a,), _identity) if keep_a else None)
-
-
-def _sampled_matmul(a, b, budget, method, generator, min_rows, a_source) -> Tensor:
     check_budget(budget)
     check_method(method)
+    check_min_rows(min_rows)
+    return _sampled_matmul(a, b, budget, method, generator, min_rows, keep_a)
+
+
+def _sampled_matmul(a, b, budget, method, generator, min_rows, keep_a=False, a_source=None, packed=None,
+                    value=None, counter=None) -> Tensor:
     if a.dim() < 3 or b.dim() != a.dim() or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
         raise ValueError(
             f"a (..., M, K) and b (..., K, N) need the same batch shape and K; got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -189,45 +172,9 @@ def _sampled_matmul(a, b, budget, method, generator, min_rows, a_source) -> Tens
     if torch.is_autocast_enabled(device_type):  # cast as autocast's matmul would, so the kept operands are cast too
         dtype = torch.get_autocast_dtype(device_type)
         if a.dtype != dtype:  # a cast copy of a is not what the other ops keep
-            a_source = None
+            keep_a, a_source = False, None
         a, b = a.to(dtype), b.to(dtype)
-        if a_source is not None and a_source[1] is _identity:
-            a_source = ((a,), _identity)
-    return _SampledMatmulFunction.apply(a, b, k, method, generator, a_source)
-
-
-def _source_of(a: Tensor):
-    """How the attention matrix ``a`` can be kept at no cost: the softmax output itself (softmax keeps it), or a
-    compact dropout of it (rebuilt from the softmax output and the 1-bit mask, both kept anyway); else ``None``."""
-    node = a.grad_fn
-    if node is None:
-        return None
-    if type(node).__name__ == "SoftmaxBackward0":
-        return (a,), _identity
-    parts = dropout_rebuilder(a)
-    if parts is None or parts[0].grad_fn is None or type(parts[0].grad_fn).__name__ != "SoftmaxBackward0":
-        return None
-    probs, tensors, rebuild = parts
-    return (probs, *tensors), rebuild
-
-
-_MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
-
-
-class _AttentionSamplingMode(TorchFunctionMode):
-    """Sends ``torch.matmul`` of two same-batch activations to ``sampled_matmul`` while an attention module runs."""
-
-    def __init__(self, budget: float, method: str, min_rows: int, generator: torch.Generator | None) -> None:
-        super().__init__()
-        self.budget, self.method, self.min_rows, self.generator = budget, method, min_rows, generator
-        self.depth = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _MATMULS and len(args) == 2 and not kwargs and _is_activation_pair(*args):
-            a, b = args
-            return _sampled_matmul(a, b, self.budget, self.method, self.generator, self.min_rows, _source_of(a))
-        return func(*args, **kwargs)
+    return _SampledMatmulFunction.apply(a, b, k, method, generator, keep_a, a_source, packed, value, counter)
 
 
 def _is_activation_pair(a, b) -> bool:
@@ -239,19 +186,65 @@ def _is_activation_pair(a, b) -> bool:
     )
 
 
-def _enter(mode: _AttentionSamplingMode, module: nn.Module, *_inputs) -> None:
-    if module.training and torch.is_grad_enabled():
-        if mode.depth == 0:
-            mode.__enter__()
-        mode.depth += 1
-        module._wtacrs_sampling_entered = True
+class AttentionFunctions(Replacements):
+    """The functions an attention module's forward copy calls instead of torch's: ``matmul`` (sampled while the
+    module trains), and ``softmax`` and ``dropout``, which remember the attention matrix so
+    that ``attn · V`` can keep it whole; dropout is compact when ``compact_dropout``."""
 
+    def __init__(self, budget: float, method: str, min_rows: int, compact_dropout: bool,
+                 generator: torch.Generator | None = None, health: Health | None = None) -> None:
+        self.budget, self.method, self.min_rows = budget, method, min_rows
+        self.compact_dropout, self.generator, self.health = compact_dropout, generator, health
+        self._clear()
 
-def _leave(mode: _AttentionSamplingMode, module: nn.Module, *_inputs_outputs) -> None:
-    if module.__dict__.pop("_wtacrs_sampling_entered", False):
-        mode.depth -= 1
-        if mode.depth == 0:
-            mode.__exit__(None, None, None)
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(active=False, probs=None, dropped=None)
+        return state
+
+    def _clear(self) -> None:
+        self.active = False  # inside a training forward of an attention module
+        self.probs: Tensor | None = None  # the last softmax output
+        self.dropped: tuple | None = None  # (output, softmax output, packed mask, value) of the last dropout
+
+    def call(self, module, forward, args, kwargs):
+        self.active = module.training and torch.is_grad_enabled()
+        try:
+            return forward(module, *args, **kwargs)
+        finally:
+            self._clear()
+
+    def functions(self) -> dict:
+        return {"matmul": self.matmul, "softmax": self.softmax, "dropout": self.dropout}
+
+    def softmax(self, input: Tensor, *args, **kwargs) -> Tensor:
+        out = F.softmax(input, *args, **kwargs)
+        if self.active:
+            self.probs = out
+        return out
+
+    def dropout(self, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+        if not self.compact_dropout:
+            return F.dropout(input, p, training, inplace)
+        if self.active and input is self.probs and not inplace:
+            out, packed, value = dropout_with_mask(input, p, training)
+            if packed is not None:
+                self.dropped = (out, input, packed, value)
+            return out
+        return compact_dropout(input, p, training, inplace)
+
+    def matmul(self, input: Tensor, other: Tensor, *, out: Tensor | None = None) -> Tensor:
+        if out is not None or not self.active or not _is_activation_pair(input, other):
+            return torch.matmul(input, other, out=out)
+        counter = None if self.health is None else self.health.counter("attention", input.device)
+        if input is self.probs:
+            return _sampled_matmul(input, other, self.budget, self.method, self.generator, self.min_rows,
+                                   keep_a=True, counter=counter)
+        if self.dropped is not None and input is self.dropped[0]:
+            _, probs, packed, value = self.dropped
+            return _sampled_matmul(input, other, self.budget, self.method, self.generator, self.min_rows,
+                                   a_source=probs, packed=packed, value=value, counter=counter)
+        return _sampled_matmul(input, other, self.budget, self.method, self.generator, self.min_rows, counter=counter)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -263,73 +256,81 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-#: Attribute marking a model whose attention is sampled (it holds the mode).
-_MODE_ATTR = "_wtacrs_attention_sampling_mode"
-_NEEDS_EAGER = "attention sampling needs eager attention; load the model with attn_implementation='eager'"
+#: Attribute marking a model whose attention is patched.
+_MARK_ATTR = "_wtacrs_attention"
+_NEEDS_EAGER = ("attention sampling needs eager attention (SDPA and flash attention keep no attention matrix to "
+                "sample), and this model cannot switch after loading; load it with attn_implementation='eager'")
 
 
 class _AttentionUndo:
-    def __init__(self, model: nn.Module, handles: list, attn_model: nn.Module | None, previous: str | None) -> None:
-        self.model, self.handles, self.attn_model, self.previous = model, handles, attn_model, previous
+    def __init__(self, model: nn.Module, swaps: list, attn_owner: nn.Module | None, previous: str | None) -> None:
+        self.model, self.swaps, self.attn_owner, self.previous = model, swaps, attn_owner, previous
 
     def undo(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        if self.attn_model is not None:
-            self.attn_model.set_attn_implementation(self.previous)
-        self.model.__dict__.pop(_MODE_ATTR, None)
+        for swap in self.swaps:
+            swap.undo()
+        if self.attn_owner is not None:
+            self.attn_owner.set_attn_implementation(self.previous)
+        self.model.__dict__.pop(_MARK_ATTR, None)
+
+
+def _attn_implementation(module: nn.Module) -> str:
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None) or "eager"
 
 
 def _ensure_eager(model: nn.Module, modules: list[nn.Module]) -> tuple[nn.Module | None, str | None]:
-    configs = [m.config for m in modules if getattr(m, "config", None) is not None]
-    if all(getattr(c, "_attn_implementation", "eager") == "eager" for c in configs):
+    if all(_attn_implementation(m) == "eager" for m in modules):
         return None, None
     owner = next((m for m in model.modules() if hasattr(m, "set_attn_implementation")), None)
     if owner is None:
         raise ValueError(_NEEDS_EAGER)
     previous = owner.config._attn_implementation
     owner.set_attn_implementation("eager")
-    if not all(c._attn_implementation == "eager" for c in configs):
+    if not all(_attn_implementation(m) == "eager" for m in modules):
         owner.set_attn_implementation(previous)
         raise ValueError(_NEEDS_EAGER)
     return owner, previous
 
 
-def patch_attention_sampling(
+def patch_attention(
     model: nn.Module,
     budget: float,
     method: Method = "wta_crs",
     *,
     min_rows: int = DEFAULT_MIN_ROWS,
+    compact_dropout: bool = False,
     generator: torch.Generator | None = None,
+    health: Health | None = None,
 ) -> _AttentionUndo:
-    """Sample the two attention matmuls of every attention module of ``model`` in training (in place).
+    """Give the attention modules of ``model`` forward copies that sample the two attention matmuls in training
+    (switching the model to eager attention), with compact dropout of the attention matrix if ``compact_dropout``.
 
-    Switches the model to eager attention if needed. Returns the undo record for ``unpatch``.
+    Returns the undo record for ``unpatch``.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module; got {type(model).__name__}")
     check_budget(budget)
     check_method(method)
-    if min_rows < 1:
-        raise ValueError(f"min_rows must be >= 1; got {min_rows}")
-    if hasattr(model, _MODE_ATTR):
-        raise ValueError("model already samples its attention; call wtacrs.attention.unpatch(undo) first")
+    check_min_rows(min_rows)
+    if hasattr(model, _MARK_ATTR):
+        raise ValueError("model's attention is already patched; call wtacrs.attention.unpatch(undo) first")
     modules = [m for _, m in attention_modules(model)]
     if not modules:
+        raise ValueError(f"no attention module (class name ending in 'Attention') found in {type(model).__name__}")
+    unreachable = [type(m).__name__ for m in modules if not calls_any(type(m).forward, {"matmul"})]
+    if unreachable:
         raise ValueError(
-            f"no attention module (class name ending in 'Attention') found in {type(model).__name__}"
+            f"attention sampling cannot reach the attention matmuls of {unreachable[0]}: its forward calls neither "
+            "torch.matmul nor an eager_attention_forward function that does"
         )
     owner, previous = _ensure_eager(model, modules)
-    mode = _AttentionSamplingMode(float(budget), method, min_rows, generator)
-    handles = []
-    for module in modules:
-        handles.append(module.register_forward_pre_hook(partial(_enter, mode)))
-        handles.append(module.register_forward_hook(partial(_leave, mode), always_call=True))
-    setattr(model, _MODE_ATTR, mode)
-    return _AttentionUndo(model, handles, owner, previous)
+    functions = AttentionFunctions(budget, method, min_rows, compact_dropout, generator, health)
+    swaps = [set_forward(m, functions) for m in modules]
+    setattr(model, _MARK_ATTR, True)
+    return _AttentionUndo(model, swaps, owner, previous)
 
 
 def unpatch(undo: _AttentionUndo) -> None:
-    """Undo ``patch_attention_sampling``: hooks removed, the previous attention implementation restored."""
+    """Undo ``patch_attention``: the class forwards and the previous attention implementation return."""
     undo.undo()

@@ -1,4 +1,4 @@
-"""Drop-in layers whose training backward uses ``sampled_linear``: ``SampledLinear`` for ``nn.Linear`` and
+"""Drop-in layers whose training backward uses the sampled linear op: ``SampledLinear`` for ``nn.Linear`` and
 ``SampledConv1D`` for GPT-2's ``transformers.pytorch_utils.Conv1D`` (transformers is imported only to convert)."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .ops import DEFAULT_FLOOR, check_floor, exact_linear, sampled_linear
+from .ops import DEFAULT_FLOOR, apply_sampled_linear, check_floor, compute_dtype, exact_linear
+from .sampler import RowSampler
 from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, check_min_rows
 
 
@@ -23,35 +24,24 @@ def _configure(module: nn.Module, budget, method, min_rows, floor, generator) ->
     module.min_rows = min_rows
     module.floor = floor
     module.generator = generator
-    # Set by apply_wtacrs: the model's shared RowSampler, this layer's name there, and whether the batch's
-    # padding mask applies to this layer's input rows.
-    module.sampler = None
+    # A layer on its own samples through a sampler of its own; apply_wtacrs gives the layers of a model one shared
+    # sampler (one sample per shared input, token statistics) and sets the layer's name and stack in it.
+    module.sampler = RowSampler()
     module.sampler_name = ""
-    module.padding_aware = False
-    module.last_sample = ""  # what the last training forward stored, for describe()
+    module.stack = "encoder"
+    module.last_sample = ""  # what the last eager training forward stored, for describe()
 
 
 def _sampled_forward(module: nn.Module, x: Tensor, row_scores: Tensor | None, transposed: bool) -> Tensor:
     if not (module.training and torch.is_grad_enabled() and module.weight.requires_grad and module.budget < 1.0):
         return exact_linear(x, module.weight, module.bias, transposed)
-    return _sampled_training_forward(module, x, row_scores, transposed)
-
-
-# Sampling draws a data-dependent number of rows (one host sync) and keeps Python-side state (the shared-sample
-# table, describe()'s notes), so torch.compile runs it eagerly: one graph break per sampled layer in training.
-# Eval, no-grad and frozen-weight calls stay in the compiled graph.
-@torch.compiler.disable
-def _sampled_training_forward(module: nn.Module, x: Tensor, row_scores: Tensor | None, transposed: bool) -> Tensor:
-    sampler = module.sampler
-    kept = None
-    if sampler is not None:
-        kept = sampler.keep(module, x)
-    out = sampled_linear(
-        x, module.weight, module.bias, module.budget, module.method, row_scores, module.generator,
-        min_rows=module.min_rows, floor=module.floor, kept=kept, transposed=transposed,
-    )
-    if sampler is not None:
-        sampler.after_forward(module, out)
+    sampler: RowSampler = module.sampler
+    dtype = compute_dtype(x)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    kept, report = sampler.keep(module, x, row_scores)
+    out = apply_sampled_linear(x, module.weight, module.bias, kept, transposed, report)
+    sampler.after_forward(module, out)
     return out
 
 
@@ -59,7 +49,8 @@ class SampledLinear(nn.Linear):
     """``nn.Linear`` that, in training with grad enabled, keeps only sampled input rows for ``grad_weight``.
 
     Its parameters are named and shaped like ``nn.Linear``'s, so state dicts are interchangeable. In eval mode
-    or under ``torch.no_grad()`` it runs plain ``F.linear``.
+    or under ``torch.no_grad()`` it runs plain ``F.linear``. ``forward(x, row_scores)`` takes optional per-row
+    estimates of the output-gradient norms (see ``wtacrs.ops.row_probabilities``).
     """
 
     def __init__(

@@ -3,7 +3,7 @@
 Stock PyTorch saves ReLU's whole output (4 bytes per element in fp32) and, for dropout, a mask: a float tensor on
 CPU (``F.dropout`` there multiplies by a ``bernoulli_`` noise tensor and autograd keeps the noise) or a bool tensor
 on CUDA (``native_dropout``). Backward only needs to know, per element, whether the gradient passes. These ops
-save that bit, packed eight to a byte (``pack_bits``), and give the same numbers as the stock ops:
+save that bit, packed eight to a byte (``wtacrs.kernels.pack_bits``), and give the same numbers as the stock ops:
 
 * ``compact_relu(x)``: forward is ``torch.relu(x)``; backward is ``threshold_backward(grad, relu(x), 0)``, i.e. the
   gradient where the output is not ``<= 0`` (NaN outputs pass it, as in PyTorch) and ``+0.0`` elsewhere.
@@ -14,88 +14,55 @@ save that bit, packed eight to a byte (``pack_bits``), and give the same numbers
 
 Saved bytes per element: 1/8 instead of 4 (ReLU fp32 output, CPU dropout noise) or 1 (CUDA dropout mask).
 
-``patch_compact_masks(model)`` puts them into a model in place:
+``patch_compact_masks(model)`` puts them into a model in place, with no per-call interception:
 
 * modules: every ``nn.ReLU`` (this includes transformers' ``ACT2FN["relu"]``, e.g. T5's ``DenseReluDense.act`` and
   OPT's ``activation_fn``) becomes ``CompactReLU``, every ``nn.Dropout`` (T5, BERT, GPT-2 and OPT dropout modules,
   PEFT LoRA's ``lora_dropout`` entries) becomes ``CompactDropout``; both subclass the originals.
-* functional calls made during the model's forward: ``F.dropout`` (the attention-probability dropout inside every
-  eager attention function, OPT's residual dropout), ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` and their
-  in-place forms, through a ``TorchFunctionMode`` that is active only while the model's forward runs.
+* functional calls: a module whose ``forward`` (or the eager attention function it calls) calls ``dropout`` or
+  ``relu`` functionally (the attention-probability dropout of eager attention, OPT's residual dropout) gets a copy
+  of that forward in which those calls go to the compact ops (``wtacrs.rebind``).
 
 Left as they are: GELU/SiLU/GELU-tanh and every other activation (not ReLU: their backward needs the input),
-``nn.Dropout1d/2d/3d`` and ``AlphaDropout``, ``ReLU6``/``LeakyReLU``, and dropout inside fused kernels such as SDPA
-(which saves no mask). Gradient checkpointing recomputes a layer's own ``forward`` without module hooks, so
-functional calls made directly in such a layer's ``forward`` body run the stock ops (in the forward too, where a
-checkpointed layer saves nothing anyway, so that both passes save the same tensors); the modules it calls keep
-using the compact ops.
+``nn.Dropout1d/2d/3d`` and ``AlphaDropout``, ``ReLU6``/``LeakyReLU``, functional calls in other helper functions,
+and dropout inside fused kernels such as SDPA (which saves no mask on GPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+
+from .kernels import masked_grad, pack_bits, relu_with_mask, unpack_bits
+from .rebind import Replacements, calls_any, set_forward
 
 __all__ = [
     "CompactDropout",
     "CompactReLU",
     "compact_dropout",
     "compact_relu",
-    "dropout_rebuilder",
-    "pack_bits",
+    "dropout_with_mask",
     "patch_compact_masks",
-    "unpack_bits",
     "unpatch",
 ]
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """Pack a bool tensor into uint8, 8 elements per byte (element ``8*i + j`` is bit ``j`` of byte ``i``).
-
-    The last byte is zero-padded; ``unpack_bits(pack_bits(m), m.numel()).view(m.shape)`` equals ``m``.
-    """
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = F.pad(flat, (0, pad))
-    # Each group of 8 bytes (0 or 1) read as one little-endian int64 has byte j at bit 8j; multiplying by
-    # sum_j 2**(56 - 7j) moves byte j's bit to bit 56 + j without carries, so bits 56..63 are the packed byte.
-    # One vectorised multiply instead of eight strided shifts and ORs (little-endian, as every PyTorch platform).
-    words = flat.view(torch.int64)
-    return ((words * 0x0102040810204080) >> 56).bitwise_and_(0xFF).to(torch.uint8)
-
-
-def unpack_bits(packed: Tensor, numel: int) -> Tensor:
-    """The flat bool tensor of ``numel`` elements that ``pack_bits`` packed."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
 
 
 class _CompactReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, inplace: bool) -> Tensor:
-        out = torch.relu_(x) if inplace else torch.relu(x)
         if inplace:
+            out, packed = torch.relu_(x), pack_bits(~(x <= 0))
             ctx.mark_dirty(x)
-        ctx.shape = out.shape
-        # ~(out <= 0), not out > 0: threshold_backward lets the gradient through where the output is NaN.
-        ctx.save_for_backward(pack_bits(~(out <= 0)))
+        else:
+            out, packed = relu_with_mask(x)
+        ctx.save_for_backward(packed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (packed,) = ctx.saved_tensors
-        passes = unpack_bits(packed, grad_out.numel()).view(ctx.shape)
-        return torch.where(passes, grad_out, 0.0), None
-
-
-#: Attribute of a compact dropout output holding ``(input, saved tensors, rebuild)``; see ``dropout_rebuilder``.
-_PARTS_ATTR = "_wtacrs_dropout_parts"
+        return masked_grad(grad_out, packed), None
 
 
 def _dropout_kernel_is_fused(x: Tensor) -> bool:
@@ -104,54 +71,41 @@ def _dropout_kernel_is_fused(x: Tensor) -> bool:
 
 
 class _CompactDropoutFunction(torch.autograd.Function):
+    """Returns ``(out, packed keep-mask, kept value)``: ``out = x * unpack(mask) * value`` (the value as dropout
+    computed it); the last two need no gradient and let an op that needs ``out`` keep ``x`` instead."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:
-        ctx.shape = x.shape
+    def forward(ctx, x: Tensor, p: float):
         if _dropout_kernel_is_fused(x):
             out, keep = torch.native_dropout(x, p, True)
+            value = torch.full((), 1.0 / (1.0 - p), device=x.device)
             ctx.scale = 1.0 / (1.0 - p)
-            ctx.fused = True
-            ctx.parts = (pack_bits(keep),)
-            ctx.save_for_backward(*ctx.parts)
-            return out
-        # ATen's CPU path (_dropout): noise = bernoulli(1 - p) / (1 - p); out = x * noise.
-        noise = torch.empty_like(x).bernoulli_(1.0 - p)  # empty_like keeps x's strides, as ATen's does
-        noise.div_(1.0 - p)
-        out = x * noise
-        ctx.fused = False
-        # The kept value of noise, bit for bit as div_ rounded it (0 if nothing was kept: never used then).
-        ctx.parts = (pack_bits(noise != 0), noise.max().reshape(()))
-        ctx.save_for_backward(*ctx.parts)
-        return out
+        else:
+            # ATen's CPU path (_dropout): noise = bernoulli(1 - p) / (1 - p); out = x * noise.
+            noise = torch.empty_like(x).bernoulli_(1.0 - p)  # empty_like keeps x's strides, as ATen's does
+            noise.div_(1.0 - p)
+            out = x * noise
+            keep = noise != 0
+            # The kept value of noise, bit for bit as div_ rounded it.
+            value = torch.ones((), dtype=x.dtype).div_(1.0 - p)
+            ctx.scale = None
+        packed = pack_bits(keep)
+        ctx.mark_non_differentiable(packed, value)
+        ctx.save_for_backward(packed, value)
+        return out, packed, value
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        packed, *rest = ctx.saved_tensors
-        keep = unpack_bits(packed, grad_out.numel()).view(ctx.shape)
-        if ctx.fused:
-            return torch.ops.aten.native_dropout_backward(grad_out, keep, ctx.scale), None
-        (kept_value,) = rest
-        noise = keep.to(grad_out.dtype) * kept_value
-        return grad_out * noise, None
+    def backward(ctx, grad_out: Tensor, _grad_packed, _grad_value):
+        packed, value = ctx.saved_tensors
+        if ctx.scale is not None:
+            return masked_grad(grad_out, packed, ctx.scale), None
+        keep = unpack_bits(packed, grad_out.numel()).view(grad_out.shape)
+        return grad_out * (keep.to(grad_out.dtype) * value), None
 
 
-def dropout_rebuilder(t: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Callable[..., Tensor]] | None:
-    """For ``t = compact_dropout(x, ...)``: ``(x, tensors, rebuild)`` with the tensors that dropout saved and
-    ``rebuild(x, *tensors) == t`` (bit-identical on CPU), so another op that needs ``t`` for backward can keep
-    nothing more than ``x``. ``None`` when ``t`` is not a compact dropout output.
-
-    The parts ride on ``t`` itself (not read back from the graph, which under gradient checkpointing would
-    trigger a recomputation), so they live exactly as long as ``t``.
-    """
-    return getattr(t, _PARTS_ATTR, None)
-
-
-def _rebuild_fused(x: Tensor, packed: Tensor, *, scale: float) -> Tensor:
-    return x * unpack_bits(packed, x.numel()).view(x.shape).to(x.dtype) * scale
-
-
-def _rebuild_unfused(x: Tensor, packed: Tensor, kept_value: Tensor) -> Tensor:
-    return x * (unpack_bits(packed, x.numel()).view(x.shape).to(x.dtype) * kept_value)
+def rebuild_dropout(x: Tensor, packed: Tensor, value: Tensor) -> Tensor:
+    """``compact_dropout``'s output from its input, packed mask and kept value (bit-identical on CPU)."""
+    return x * (unpack_bits(packed, x.numel()).view(x.shape).to(x.dtype) * value)
 
 
 def compact_relu(x: Tensor, inplace: bool = False) -> Tensor:
@@ -161,6 +115,11 @@ def compact_relu(x: Tensor, inplace: bool = False) -> Tensor:
     return _CompactReLUFunction.apply(x, inplace)
 
 
+def _check_p(p: float) -> None:
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability p must be in [0, 1]; got {p}")
+
+
 def compact_dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """``F.dropout(x, p, training, inplace)`` that saves a packed 1-bit keep-mask for backward.
 
@@ -168,17 +127,20 @@ def compact_dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: b
     the output and gradient are bit-identical. ``inplace=True`` writes the result back into ``x`` (as
     ``F.dropout`` does) when ``x`` needs no gradient, and returns a new tensor otherwise.
     """
-    if p < 0.0 or p > 1.0:
-        raise ValueError(f"dropout probability p must be in [0, 1]; got {p}")
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if not training or p == 0.0 or p == 1.0 or x.numel() == 0 or not needs_grad:
+    _check_p(p)
+    if not training or p == 0.0 or p == 1.0 or x.numel() == 0 or not (torch.is_grad_enabled() and x.requires_grad):
         return F.dropout(x, p, training, inplace)
-    out = _CompactDropoutFunction.apply(x, float(p))
-    node = out.grad_fn
-    rebuild = partial(_rebuild_fused, scale=node.scale) if node.fused else _rebuild_unfused
-    setattr(out, _PARTS_ATTR, (x, node.parts, rebuild))
-    del node.parts  # the node keeps its saved tensors only through save_for_backward
-    return out
+    return _CompactDropoutFunction.apply(x, float(p))[0]
+
+
+def dropout_with_mask(x: Tensor, p: float, training: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``compact_dropout`` with its packed mask and kept value, ``(out, packed, value)``, so that an op needing
+    ``out`` for backward can keep ``x`` and rebuild ``out`` (``rebuild_dropout``); ``(F.dropout(...), None, None)``
+    where no mask is drawn."""
+    _check_p(p)
+    if not training or p == 0.0 or p == 1.0 or x.numel() == 0 or not (torch.is_grad_enabled() and x.requires_grad):
+        return F.dropout(x, p, training), None, None
+    return _CompactDropoutFunction.apply(x, float(p))
 
 
 class CompactReLU(nn.ReLU):
@@ -207,56 +169,30 @@ class CompactDropout(nn.Dropout):
         return new
 
 
-#: Attribute of a patched model holding its functional-call mode (marks the model as patched).
-_MODE_ATTR = "_wtacrs_compact_masks_mode"
-
-_RELU = (F.relu, torch.relu, Tensor.relu)
-_RELU_INPLACE = (F.relu_, torch.relu_, Tensor.relu_)
+def _functional_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    return compact_dropout(input, p, training, inplace)
 
 
-class _CompactMasksMode(TorchFunctionMode):
-    """Routes functional ReLU and dropout calls to the compact ops while a patched model's forward runs.
-
-    Every module call pushes whether its own ``forward`` body may use the compact ops, and pops it on return; the
-    mode is entered by the outermost call. A layer that checkpoints itself (transformers'
-    ``GradientCheckpointingLayer`` with checkpointing on) recomputes its ``forward`` body without hooks, so there
-    the stock ops run in both passes and the saved tensors of forward and recomputation agree (the checkpoint
-    checks that); the modules it calls still use the compact ops in both.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.active: list[bool] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.active and self.active[-1]:
-            if func is F.dropout:
-                return compact_dropout(*args, **kwargs)
-            if func in _RELU:
-                return compact_relu(*args, **kwargs)
-            if func in _RELU_INPLACE:
-                return compact_relu(args[0], inplace=True)
-        return func(*args, **kwargs)
+def _functional_relu(input: Tensor, inplace: bool = False) -> Tensor:
+    return compact_relu(input, inplace)
 
 
-def _checkpoints_itself(module: nn.Module) -> bool:
-    return (
-        bool(getattr(module, "gradient_checkpointing", False)) and module.training and torch.is_grad_enabled()
-        and any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
-    )
+def _functional_relu_(input: Tensor) -> Tensor:
+    return compact_relu(input, inplace=True)
 
 
-def _enter(mode: _CompactMasksMode, module: nn.Module, *_inputs) -> None:
-    if not mode.active:
-        mode.__enter__()
-    mode.active.append(not _checkpoints_itself(module))
+class CompactFunctions(Replacements):
+    """Functional dropout and ReLU calls in a forward's code go to the compact ops."""
+
+    def functions(self) -> dict:
+        return {"dropout": _functional_dropout, "relu": _functional_relu, "relu_": _functional_relu_}
 
 
-def _leave(mode: _CompactMasksMode, *_module_inputs_outputs) -> None:
-    mode.active.pop()
-    if not mode.active:
-        mode.__exit__(None, None, None)
+#: Names whose functional calls the compact forward copies replace.
+FUNCTIONAL_NAMES = {"dropout", "relu", "relu_"}
+
+#: Attribute marking a model with compact masks.
+_MARK_ATTR = "_wtacrs_compact_masks"
 
 
 class _ModuleSwap:
@@ -267,28 +203,27 @@ class _ModuleSwap:
         self.parent._modules[self.name] = self.old
 
 
-class _Hooks:
-    def __init__(self, model: nn.Module, handles: list) -> None:
-        self.model, self.handles = model, handles
+class _Mark:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
     def undo(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.model.__dict__.pop(_MODE_ATTR, None)
+        self.model.__dict__.pop(_MARK_ATTR, None)
 
 
-def patch_compact_masks(model: nn.Module) -> list[tuple[str, object]]:
+def patch_compact_masks(model: nn.Module) -> list:
     """Put compact ReLU and dropout into ``model`` in place (see the module docstring for what is covered).
 
-    Returns the undo list for ``unpatch``: ``(module name, record)`` pairs; module swaps first, then the hooks
-    that scope the functional-call mode (name ``""``). A model that already has compact masks is refused.
+    Modules that already have an instance forward (``wtacrs.attention`` gives attention modules one that includes
+    the compact ops) are left to it. Returns the undo list for ``unpatch``. A model that already has compact masks
+    is refused.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module; got {type(model).__name__}")
-    if hasattr(model, _MODE_ATTR):
+    if hasattr(model, _MARK_ATTR):
         raise ValueError("model already has compact masks; call wtacrs.masks.unpatch(undo_list) first")
-    undo: list[tuple[str, object]] = []
-    for name, module in list(model.named_modules()):
+    undo: list = []
+    for module in list(model.modules()):
         for child_name, child in list(module._modules.items()):
             if type(child) is nn.ReLU:
                 new: nn.Module = CompactReLU.from_module(child)
@@ -297,18 +232,17 @@ def patch_compact_masks(model: nn.Module) -> list[tuple[str, object]]:
             else:
                 continue
             module._modules[child_name] = new
-            undo.append((f"{name}.{child_name}" if name else child_name, _ModuleSwap(module, child_name, child)))
-    mode = _CompactMasksMode()
-    handles = []
+            undo.append(_ModuleSwap(module, child_name, child))
+    functions = CompactFunctions()
     for module in model.modules():
-        handles.append(module.register_forward_pre_hook(partial(_enter, mode)))
-        handles.append(module.register_forward_hook(partial(_leave, mode), always_call=True))
-    setattr(model, _MODE_ATTR, mode)
-    undo.append(("", _Hooks(model, handles)))
+        if "forward" not in module.__dict__ and calls_any(type(module).forward, FUNCTIONAL_NAMES):
+            undo.append(set_forward(module, functions))
+    setattr(model, _MARK_ATTR, True)
+    undo.append(_Mark(model))
     return undo
 
 
-def unpatch(undo_list: list[tuple[str, object]]) -> None:
-    """Undo ``patch_compact_masks``: the original module objects are put back and the hooks removed."""
-    for _name, record in reversed(undo_list):
+def unpatch(undo_list: list) -> None:
+    """Undo ``patch_compact_masks``: the original module objects and forwards are put back."""
+    for record in reversed(undo_list):
         record.undo()

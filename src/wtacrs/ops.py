@@ -1,9 +1,13 @@
-"""The sampled linear op: exact forward, only the sampled rows of the input kept for backward.
+"""The sampled linear op: exact forward, only sampled rows of the input kept for backward.
 
-``y = F.linear(x, W, b)`` is computed exactly. Backward needs ``x`` only for ``grad_W = grad_y.T @ x``;
-that sum over rows is replaced by an unbiased estimate from the rows chosen by ``wtacrs.sampling``. So the
-op saves ``x[kept]`` (x's dtype, or the autocast dtype), the kept indices (int32 when they fit) and float32
+``y = F.linear(x, W, b)`` is computed exactly. Backward needs ``x`` only for ``grad_W = grad_y.T @ x``; that sum
+over rows is replaced by an unbiased estimate from ``k`` slots (row index, scale) chosen by ``wtacrs.sampling``.
+So the op saves ``x[indices]`` (x's dtype, or the autocast dtype), the indices (int32 when they fit) and float32
 scales, and nothing of x's full size. ``grad_x`` and ``grad_b`` are exact.
+
+A training step runs without a device sync: ``k`` is fixed by the budget and the row count, and the checks of
+the input's values go through ``wtacrs.health`` (a non-finite input makes that step's weight gradient NaN and
+raises at a later forward) instead of being read back.
 
 GPT-2-style ``Conv1D`` layers (weight of shape (in, out), ``y = addmm(b, x, W)``) are served by the same op
 with ``transposed=True``.
@@ -18,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, draw_rows, num_kept_rows
+from . import kernels
+from .gradstats import TokenGradStats
+from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, draw, num_kept_rows
 
-#: Share of the row probabilities taken from activation norms when the caller gives row scores, so that every
-#: row whose input is non-zero keeps p > 0 (unbiasedness needs it even when a score is stale or zero).
+#: Share of the row probabilities taken from activation norms when rows are weighted by gradient estimates (row
+#: scores, token statistics), so that every row whose input is non-zero keeps p > 0 (unbiasedness needs it even
+#: when an estimate is stale or zero).
 DEFAULT_FLOOR = 0.1
 
 _INDEX_INT32_LIMIT = 2**31
@@ -39,15 +46,11 @@ class KeptRows:
     unless autocast changed its dtype).
     """
 
-    rows: Tensor  # (m, d_in), the input's dtype (the autocast dtype under autocast)
-    indices: Tensor | None  # (m,) int32 (int64 for inputs of 2**31 rows or more)
-    scales: Tensor | None  # (m,) float32
+    rows: Tensor  # (k, d_in), the input's dtype (the autocast dtype under autocast)
+    indices: Tensor | None  # (k,) int32 (int64 for inputs of 2**31 rows or more); a row may fill several slots
+    scales: Tensor | None  # (k,) float32
     num_rows: int  # N, the input's row count
     already_saved_by: str | None = None  # the autograd node that saves the whole input anyway, if any
-
-    @property
-    def saved_tensors(self) -> tuple[Tensor, ...]:
-        return tuple(t for t in (self.rows, self.indices, self.scales) if t is not None)
 
 
 def check_floor(floor: float) -> None:
@@ -59,29 +62,17 @@ def check_floor(floor: float) -> None:
 
 
 def row_probabilities(x2d: Tensor, row_scores: Tensor | None = None, floor: float = DEFAULT_FLOOR) -> Tensor:
-    """Row weights for sampling the rows of ``x2d`` (N, d).
+    """Row weights for sampling the rows of ``x2d`` (N, d): float32 (N,).
 
-    Without scores: ``||x_i||``. With row scores ``s_i``, estimates of the output-gradient norms ``||dy_i||`` (for
-    example from a ``GradNormCache``): ``(1 - floor) * u_i / sum(u) + floor * ||x_i|| / sum(||x||)`` with
-    ``u_i = ||x_i|| * s_i``, the variance-minimising weight, mixed with activation norms so that every non-zero
-    row keeps p > 0 even where a score is stale or zero.
-
-    A NaN, Inf or negative score makes that row's weight NaN, so that sampling reports it.
+    Without scores: ``||x_i||``. With row scores ``s_i``, estimates of the output-gradient norms ``||dy_i||``:
+    ``||x_i|| * max(s_i, floor * mean(s))``, the variance-minimising weight with every score raised to at least
+    ``floor`` times the mean, so that every row with a non-zero input keeps p > 0 even where a score is stale or
+    zero. A NaN or Inf (input or score) makes the weights non-finite; callers check that.
     """
-    norms = torch.linalg.vector_norm(x2d.detach().float(), dim=1)
+    norms = kernels.row_norms(x2d)
     if row_scores is None:
         return norms
-    check_floor(floor)
-    scores = row_scores.detach().reshape(-1).float()
-    if scores.shape[0] != x2d.shape[0]:
-        raise ValueError(f"row_scores must hold one score per row of x ({x2d.shape[0]}); got {scores.shape[0]}")
-    bad = ~torch.isfinite(scores) | (scores < 0)
-    scores = torch.where(bad, torch.zeros_like(scores), scores)
-    tiny = torch.finfo(torch.float32).tiny
-    weighted = norms * scores
-    mixed = (1.0 - floor) * weighted / weighted.sum().clamp_min(tiny) + floor * norms / norms.sum().clamp_min(tiny)
-    mixed = torch.where(norms > 0, mixed, torch.zeros_like(mixed))
-    return torch.where(bad, torch.full_like(mixed, math.nan), mixed)
+    return norms * torch.maximum(row_scores, row_scores.mean() * floor)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -111,6 +102,28 @@ def _check_row_scores(row_scores: Tensor, x: Tensor) -> None:
         )
 
 
+def sample_kept_rows(
+    x: Tensor,
+    k: int,
+    probs: Tensor,
+    method: str,
+    generator: torch.Generator | None,
+    counter: Tensor | None,
+) -> KeptRows:
+    """Keep ``k < N`` slots of the rows of ``x`` (..., d) drawn with weights ``probs`` (N,), without a host sync.
+
+    Non-finite weights (from a NaN or Inf input, or a bad score) make their sum, which is added to ``counter``
+    (see ``wtacrs.health``), non-finite, and every scale NaN, so the weight gradient is NaN as it would be without
+    sampling.
+    """
+    with torch.no_grad():
+        x2d = x.reshape(-1, x.shape[-1])
+        indices, scales = draw(probs, k, method, generator, counter)
+        rows = x2d.index_select(0, indices)
+        dtype = compute_dtype(x)
+        return KeptRows(rows if rows.dtype == dtype else rows.to(dtype), indices, scales, x2d.shape[0])
+
+
 def keep_rows(
     x: Tensor,
     budget: float,
@@ -119,12 +132,8 @@ def keep_rows(
     generator: torch.Generator | None = None,
     min_rows: int = DEFAULT_MIN_ROWS,
     floor: float = DEFAULT_FLOOR,
-    row_mask: Tensor | None = None,
 ) -> KeptRows:
     """Sample the rows of ``x`` (..., d_in) to keep for the weight gradient of a linear layer reading ``x``.
-
-    ``row_mask`` (shape ``x.shape[:-1]``, bool) marks the rows that may be kept; rows outside it get probability 0,
-    which keeps the estimate unbiased only if their output gradient is zero (padding tokens).
 
     One ``KeptRows`` may serve several layers that read the same ``x``: each layer's gradient estimate stays
     unbiased and the rows are stored once. Under autocast the rows are stored in the autocast dtype, the
@@ -132,6 +141,10 @@ def keep_rows(
 
     Nothing is stored twice: if ``x`` is the output of an op that saves its output anyway (ReLU, softmax, tanh,
     sigmoid), all of ``x`` is kept by reference and the gradient is exact.
+
+    A NaN or Inf in ``x`` (or a NaN, Inf or negative score) is not read back here: the kept scales become NaN, so
+    the weight gradient is NaN (as without sampling). ``apply_wtacrs`` and ``SampledLinear`` also raise a clear
+    error at a later forward (``wtacrs.health``).
     """
     check_budget(budget)
     check_method(method)
@@ -139,31 +152,34 @@ def keep_rows(
     _check_input(x)
     if row_scores is not None:
         _check_row_scores(row_scores, x)
-    x2d = x.detach().reshape(-1, x.shape[-1])
-    n = x2d.shape[0]
+    n = math.prod(x.shape[:-1])
     k = num_kept_rows(n, budget, min_rows)
+    whole = keep_whole(x, k)
+    if whole is not None:
+        return whole
+    with torch.no_grad():
+        scores = None if row_scores is None else sanitized_scores(row_scores.reshape(-1).float())
+        probs = row_probabilities(x.reshape(-1, x.shape[-1]), scores, floor)
+    return sample_kept_rows(x, k, probs, method, generator, None)
+
+
+def sanitized_scores(scores: Tensor) -> Tensor:
+    """NaN for entries that are NaN, Inf or negative, so that the row weights become non-finite (and get reported)."""
+    return torch.where(scores.isfinite() & (scores >= 0), scores, math.nan)
+
+
+def keep_whole(x: Tensor, k: int) -> KeptRows | None:
+    """``KeptRows`` holding all of ``x`` when the budget covers every row or when another op keeps ``x`` anyway."""
+    n = math.prod(x.shape[:-1])
     dtype = compute_dtype(x)
     if k >= n:
         return KeptRows(x.detach().to(dtype), None, None, n)
+    if torch.compiler.is_compiling():  # the compiler decides what to keep; grad_fn is not traced
+        return None
     producer = type(x.grad_fn).__name__ if x.grad_fn is not None and x._base is None else None
     if producer in _OUTPUT_SAVING_NODES and dtype == x.dtype:
         return KeptRows(x.detach(), None, None, n, already_saved_by=producer)
-    probs = row_probabilities(x2d, row_scores, floor)
-    if row_mask is not None:
-        if row_mask.shape != x.shape[:-1]:
-            raise ValueError(f"row_mask must have shape {tuple(x.shape[:-1])}; got {tuple(row_mask.shape)}")
-        probs = probs * row_mask.reshape(-1).to(probs.dtype)
-    indices, scales = draw_rows(probs, k, method, generator)
-    if scales is None:
-        if not torch.isfinite(x2d).all():
-            raise ValueError(
-                "x (the layer input) contains NaN or Inf, so its rows cannot be sampled: "
-                "check the model's forward for overflow"
-            )
-        raise ValueError("row_scores must be finite and >= 0; got NaN, Inf or negative entries")
-    if n < _INDEX_INT32_LIMIT:
-        indices = indices.to(torch.int32)
-    return KeptRows(x2d.index_select(0, indices).to(dtype), indices, scales, n)
+    return None
 
 
 def exact_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, transposed: bool = False) -> Tensor:
@@ -176,52 +192,57 @@ def exact_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, transpos
 
 
 class SampledLinearFunction(torch.autograd.Function):
-    """``F.linear`` whose weight gradient is estimated from ``KeptRows``; see ``sampled_linear``.
+    """``F.linear`` whose weight gradient is estimated from kept rows; see ``sampled_linear``.
 
-    With ``transposed=True`` the weight is (in, out) and the forward is ``Conv1D``'s ``addmm``.
-    The weight is saved as given (a parameter, no copy) and cast to the gradient's dtype in backward, so under
-    autocast no low-precision weight copy is kept for backward.
+    With ``transposed=True`` the weight is (in, out) and the forward is ``Conv1D``'s ``addmm``. The weight is saved
+    as given (a parameter, no copy) and cast to the gradient's dtype in backward, so under autocast no
+    low-precision weight copy is kept for backward. ``probe``, ``ids`` and ``counts`` (optional) route
+    this call's output-gradient norms per token to the sampler (``apply_sampled_linear``).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, kept: KeptRows, transposed: bool = False):
+    def forward(ctx, x, weight, bias, rows, indices, scales, probe, ids, counts, transposed: bool):
         ctx.x_shape = x.shape
-        ctx.has_indices = kept.indices is not None
         ctx.transposed = transposed
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(weight, *kept.saved_tensors)
+        ctx.save_for_backward(weight, rows, indices, scales, ids, counts, probe)
         return exact_linear(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        weight, rows, *sample = ctx.saved_tensors
+        weight, rows, indices, scales, ids, counts, probe = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         dtype = grad_2d.dtype
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = grad_probe = None
         if ctx.needs_input_grad[0]:
-            w = weight.to(dtype)
-            grad_x = (grad_2d @ (w.T if ctx.transposed else w)).reshape(ctx.x_shape)
+            w = _as(weight, dtype)
+            grad_x = (grad_2d @ (w.T if ctx.transposed else w)).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            rows2d = rows.reshape(-1, rows.shape[-1])
-            if not ctx.has_indices:
-                kept_grad = grad_2d
-            else:
-                indices, scales = sample
-                # Scales can be large (rows with small p): rescale in fp32. fp16 would overflow, so it stays
-                # fp32; bf16 has fp32's range and goes back to bf16 for the matmul.
-                kept_grad = grad_2d.index_select(0, indices)
-                if dtype in (torch.float16, torch.bfloat16):
-                    kept_grad = kept_grad.float() * scales.unsqueeze(1)
-                    if dtype == torch.bfloat16:
-                        kept_grad = kept_grad.to(dtype)
-                else:
-                    kept_grad = kept_grad * scales.to(dtype).unsqueeze(1)
-            rows2d = rows2d.to(kept_grad.dtype)
-            grad_w = rows2d.T @ kept_grad if ctx.transposed else kept_grad.T @ rows2d
-            grad_w = grad_w.to(weight.dtype)
+            kept_grad = grad_2d if indices is None else kernels.gather_scale_rows(grad_2d, indices, scales)
+            rows2d = _as(rows.view(-1, rows.shape[-1]), kept_grad.dtype)
+            grad_w = _as(rows2d.T @ kept_grad if ctx.transposed else kept_grad.T @ rows2d, weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = grad_2d.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None
+            grad_b = _as(grad_2d.sum(0), ctx.bias_dtype)
+        if ctx.needs_input_grad[6]:
+            grad_probe = (torch.zeros_like(probe) if ids is None
+                          else TokenGradStats.contribution(grad_2d, ids, counts))
+        return grad_x, grad_w, grad_b, None, None, None, grad_probe, None, None, None
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def apply_sampled_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, kept: KeptRows, transposed: bool = False,
+    report: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
+) -> Tensor:
+    """The autograd op on rows already kept (no checks): what the sampled layers call. With ``report`` =
+    (the sampler's probe, the rows' token ids, flat and in range, and their counts per token id), backward gives
+    the probe its output-gradient norms per token (zeros without ids; see ``wtacrs.sampler``)."""
+    probe, ids, counts = (None, None, None) if report is None else report
+    return SampledLinearFunction.apply(x, weight, bias, kept.rows, kept.indices, kept.scales, probe, ids, counts,
+                                       transposed)
 
 
 def sampled_linear(
@@ -241,7 +262,7 @@ def sampled_linear(
     """``F.linear(x, weight, bias)`` that saves only sampled rows of ``x`` for the weight gradient.
 
     Forward is bit-identical to ``F.linear``; ``grad_x`` and ``grad_bias`` are exact; ``grad_weight`` is an
-    unbiased estimate of ``grad_y.T @ x`` (plain PyTorch) from ``k = clamp(ceil(budget * N), min_rows, N)`` rows,
+    unbiased estimate of ``grad_y.T @ x`` (plain PyTorch) from ``k = clamp(ceil(budget * N), min_rows, N)`` slots,
     N = the number of rows of ``x`` (all leading dims flattened).
 
     Args:
@@ -280,4 +301,4 @@ def sampled_linear(
             f"kept rows were sampled from an input of {kept.num_rows} rows x {kept.rows.shape[-1]} features; "
             f"this x has {math.prod(x.shape[:-1])} x {x.shape[-1]}"
         )
-    return SampledLinearFunction.apply(x, weight, bias, kept, transposed)
+    return apply_sampled_linear(x, weight, bias, kept, transposed)

@@ -8,6 +8,8 @@ share the original parameters under the same names, so ``state_dict()`` keys and
 from __future__ import annotations
 
 import re
+import warnings
+from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,10 +17,11 @@ from torch import Tensor, nn
 
 from .distributed import check_patchable, unwrap
 from .gradcache import GradNormCache
+from .gradstats import TokenGradStats
 from .layers import SampledConv1D, SampledLinear
-from .ops import DEFAULT_FLOOR
+from .ops import DEFAULT_FLOOR, check_floor
 from .sampler import RowSampler
-from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method
+from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, check_min_rows
 from .targets import resolve_targets
 
 #: Batch key that carries example ids to the patched model (see ``wtacrs.hf.ExampleIdCollator``); the patched
@@ -28,16 +31,18 @@ EXAMPLE_IDS_KEY = "wtacrs_example_ids"
 _STATE_ATTR = "_wtacrs_state"
 
 
+PROBS = ("tokens", "activations")
+
+
 @dataclass(frozen=True)
 class WtacrsConfig:
     budget: float
     method: str
     targets: str | tuple[str, ...]
+    probs: str
     min_rows: int
     floor: float
     share_inputs: bool
-    padding_aware: bool
-    grad_cache: bool
     compact_masks: bool
     sample_attention: bool
 
@@ -47,6 +52,7 @@ class _PatchState:
     config: WtacrsConfig
     sampler: RowSampler
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = field(default_factory=list)  # parent, attr, old, new
+    target_notes: list[str] = field(default_factory=list)
     masks_undo: list | None = None
     attention_undo: object = None
 
@@ -54,71 +60,80 @@ class _PatchState:
 def apply_wtacrs(
     model: nn.Module,
     budget: float = 0.3,
-    targets: str | Sequence[str] = "full",
+    targets: str | Sequence[str] = "auto",
     method: Method = "wta_crs",
     *,
+    probs: str | GradNormCache = "tokens",
     min_rows: int = DEFAULT_MIN_ROWS,
     floor: float = DEFAULT_FLOOR,
     share_inputs: bool = True,
-    padding_aware: bool = True,
-    grad_cache: GradNormCache | None = None,
-    compact_masks: bool = False,
+    compact_masks: bool = True,
     sample_attention: bool = False,
 ) -> nn.Module:
     """Replace the target linear layers of ``model`` by sampled ones, in place; returns ``model``.
 
     Args:
         budget: fraction of each layer's input rows kept for its weight gradient, in (0, 1].
-        targets: ``"full"`` (the paper's full fine-tuning targets: attention output and FFN projections),
-            ``"lora"`` (PEFT LoRA ``A`` projections), ``"all-linear"``, or a list of module-name patterns.
+        targets: ``"auto"`` (PEFT LoRA ``A`` projections in a LoRA model, else ``"full"``), ``"full"`` (the
+            paper's full fine-tuning targets, found from the model's structure: each block's attention output
+            projection and feed-forward layers), ``"lora"``, ``"all-linear"``, or a list of module-name patterns.
         method: ``"wta_crs"``, ``"crs"``, ``"uniform"`` or ``"topk"`` (biased; ablation only).
-        share_inputs: layers reading the same input tensor keep one shared sample of its rows.
-        padding_aware: rows where the ``attention_mask`` passed to ``model(...)`` is 0 are never kept (their
-            gradient is exactly zero). Applies to encoder or decoder-only stacks, not to the decoder of an
-            encoder-decoder model.
-        grad_cache: a ``GradNormCache`` to weight rows by cached output-gradient norms; the batch must carry
-            example ids under ``EXAMPLE_IDS_KEY`` (see ``wtacrs.hf.ExampleIdCollator``).
-        compact_masks: ReLU and dropout keep 1-bit masks instead of full tensors (lossless; ``wtacrs.masks``).
+        probs: how rows are weighted: ``"tokens"`` (default: ``||x_i||`` times running output-gradient norms of
+            the row's token, ``wtacrs.gradstats``), ``"activations"`` (``||x_i||`` alone), or a
+            ``GradNormCache`` (the paper's per-example cache; batches must carry example ids, see
+            ``wtacrs.hf.ExampleIdCollator``). Gradient estimates are always mixed with ``||x_i||`` by ``floor``,
+            so the estimate stays unbiased for any loss.
+        share_inputs: consecutive layers reading the same input tensor keep one shared sample of its rows.
+        compact_masks: ReLU and dropout keep 1-bit masks instead of full tensors (lossless: the same values and
+            gradients; ``wtacrs.masks``).
         sample_attention: also sample the two attention matmuls (QKᵀ and attn·V) at ``budget``, the paper's
             "level 2". This approximates activation gradients too (unbiased, more variance) and switches the
             model to eager attention (``wtacrs.attention``).
+
+    A NaN or Inf in a sampled layer's input makes that step's weight gradients NaN (as without sampling) and
+    raises ``wtacrs.NonFiniteInputError`` when a later forward begins (``wtacrs.health``).
 
     Applying again with the same settings does nothing; with other settings it is an error (call
     ``remove_wtacrs`` first).
     """
     check_budget(budget)
     check_method(method)
-    if min_rows < 1:
-        raise ValueError(f"min_rows must be >= 1; got {min_rows}")
-    if not 0.0 < floor <= 1.0:
-        raise ValueError(f"floor must be in (0, 1] so that every non-zero row can be drawn; got {floor}")
-    if grad_cache is not None and not isinstance(grad_cache, GradNormCache):
-        raise ValueError(f"grad_cache must be a wtacrs.GradNormCache; got {type(grad_cache).__name__}")
+    check_min_rows(min_rows)
+    check_floor(floor)
+    if not isinstance(probs, GradNormCache) and probs not in PROBS:
+        raise ValueError(
+            f"probs must be one of {', '.join(map(repr, PROBS))} or a wtacrs.GradNormCache; got {probs!r}"
+        )
     config = WtacrsConfig(
-        float(budget), method, targets if isinstance(targets, str) else tuple(targets), min_rows, float(floor),
-        share_inputs, padding_aware, grad_cache is not None, bool(compact_masks), bool(sample_attention),
+        float(budget), method, targets if isinstance(targets, str) else tuple(targets),
+        "gradcache" if isinstance(probs, GradNormCache) else probs, min_rows, float(floor), bool(share_inputs),
+        bool(compact_masks), bool(sample_attention),
     )
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is not None:
-        if state.config == config and state.sampler.grad_cache is grad_cache:
+        if state.config == config and (state.sampler.grad_cache is probs or not isinstance(probs, GradNormCache)):
             return model
         raise ValueError(
             f"model is already patched with {state.config}; call wtacrs.remove_wtacrs(model) before applying "
             "other settings"
         )
     check_patchable(model)
-    names = resolve_targets(model, targets)
+    selection = resolve_targets(model, targets)
     modules = dict(model.named_modules())
-    already = [n for n in names if isinstance(modules[n], (SampledLinear, SampledConv1D))]
+    already = [n for n in selection.names if isinstance(modules[n], (SampledLinear, SampledConv1D))]
     if already:
         raise ValueError(f"modules {already} are already sampled layers; pass plain nn.Linear / Conv1D modules")
 
-    sampler = RowSampler(share_inputs, grad_cache)
-    state = _PatchState(config, sampler)
+    stats = None
+    if probs == "tokens":
+        embeddings = _input_embeddings(model)
+        stats = TokenGradStats(embeddings.num_embeddings, floor) if embeddings is not None else None
+    sampler = RowSampler(share_inputs, stats, probs if isinstance(probs, GradNormCache) else None)
+    state = _PatchState(config, sampler, target_notes=list(selection.notes))
     config_of_model = getattr(unwrap(model), "config", None)  # a DDP wrapper has no config; its module does
     encoder_decoder = bool(getattr(config_of_model, "is_encoder_decoder", False))
     settings = dict(budget=budget, method=method, min_rows=min_rows, floor=floor)
-    for name in names:
+    for name in selection.names:
         old = modules[name]
         new = (
             SampledLinear.from_linear(old, **settings)
@@ -127,14 +142,15 @@ def apply_wtacrs(
         )
         new.sampler = sampler
         new.sampler_name = name
-        new.padding_aware = padding_aware and not (encoder_decoder and re.search(r"(^|\.)decoder\.", name))
+        new.stack = "decoder" if encoder_decoder and re.search(r"(^|\.)decoder\.", name) else "encoder"
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         state.swaps.append((parent, attr, old, new))
-    if sample_attention:  # first: it is the one step that can still refuse the model (no eager attention)
-        from .attention import patch_attention_sampling
+    if sample_attention:  # first: it is the one step that can still refuse the model
+        from .attention import patch_attention
 
-        state.attention_undo = patch_attention_sampling(model, budget, method, min_rows=min_rows)
+        state.attention_undo = patch_attention(model, budget, method, min_rows=min_rows,
+                                               compact_dropout=compact_masks, health=sampler.health)
     if compact_masks:
         from .masks import patch_compact_masks
 
@@ -143,17 +159,40 @@ def apply_wtacrs(
         setattr(parent, attr, new)
     model.register_forward_pre_hook(_begin_batch, with_kwargs=True)
     setattr(model, _STATE_ATTR, state)
+    for note in selection.notes:
+        warnings.warn(f"wtacrs.apply_wtacrs: {note}", stacklevel=2)
     return model
 
 
+def _input_embeddings(model: nn.Module) -> nn.Embedding | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return embeddings if isinstance(embeddings, nn.Embedding) else None
+
+
 def _begin_batch(model: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: hand the batch's example ids and padding mask to the model's sampler.
+    """Forward pre-hook: hand the batch's token ids (per stack) and example ids to the model's sampler.
 
     It reads the state from the model it is called on, so a deep copy of a patched model uses its own sampler.
     """
     example_ids = kwargs.pop(EXAMPLE_IDS_KEY, None)
-    mask = kwargs.get("attention_mask")
-    getattr(model, _STATE_ATTR).sampler.begin_batch(example_ids, mask if isinstance(mask, Tensor) else None)
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], Tensor) and not args[0].is_floating_point():
+        ids = args[0]
+    decoder_ids = kwargs.get("decoder_input_ids")
+    labels = kwargs.get("labels")
+    if decoder_ids is None and isinstance(labels, Tensor) and labels.dim() == 2:
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if callable(prepare) and getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False):
+            decoder_ids = partial(prepare, labels=labels)  # made when a decoder layer first needs them
+    getattr(model, _STATE_ATTR).sampler.begin_batch(
+        ids if isinstance(ids, Tensor) else None,
+        decoder_ids if isinstance(decoder_ids, (Tensor, partial)) else None,
+        example_ids,
+    )
     return args, kwargs
 
 
@@ -169,9 +208,7 @@ def remove_wtacrs(model: nn.Module) -> nn.Module:
 
         unpatch(state.masks_undo)
     if state.attention_undo is not None:
-        from .attention import unpatch
-
-        unpatch(state.attention_undo)
+        state.attention_undo.undo()
     # Found by value rather than through a handle, which a deep copy of the model would not carry over.
     for hook_id, hook in list(model._forward_pre_hooks.items()):
         if hook is _begin_batch:
@@ -204,9 +241,9 @@ def describe(model: nn.Module) -> str:
     extras = [
         f"{len(state.swaps)} sampled layers",
         f"one sample per shared input: {cfg.share_inputs}",
-        f"padding-aware: {cfg.padding_aware}",
-        f"gradient-norm cache: {cfg.grad_cache}",
+        f"row probabilities: {cfg.probs}",
         f"compact ReLU/dropout masks: {cfg.compact_masks}",
         f"attention sampling: {cfg.sample_attention}",
     ]
-    return "\n".join(lines + ["", "; ".join(extras)])
+    notes = [f"unsure: {note}" for note in state.target_notes]
+    return "\n".join(lines + ["", "; ".join(extras), *notes])

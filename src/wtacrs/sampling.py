@@ -1,24 +1,27 @@
 """Column-row sampling: which rows of a product to keep, and how to rescale them.
 
-An estimator of ``A.T @ B = sum_i outer(a_i, b_i)`` keeps a few rows ``i`` with scales ``w_i`` and returns
-``sum_kept w_i * outer(a_i, b_i)``. Every method here except ``"topk"`` is unbiased: the expected value of
-the estimate equals the exact product, for any probabilities that are positive wherever a row's term is
-non-zero.
+An estimator of ``A.T @ B = sum_i outer(a_i, b_i)`` keeps ``k`` slots, each a row index ``i_t`` with a scale
+``w_t``, and returns ``sum_t w_t * outer(a_{i_t}, b_{i_t})``. Every method here except ``"topk"`` is unbiased:
+the expected value of the estimate equals the exact product, for any probabilities that are positive wherever
+a row's term is non-zero.
 
-Methods (see ``sample_rows``):
+Methods:
 
-* ``"wta_crs"``: the ``c`` most probable rows are kept exactly (scale 1), ``c`` chosen to minimise
-  ``(1 - P_c) / (k - c)``; the other ``k - c`` draws are i.i.d. with replacement from the remaining rows
-  with ``q_j = p_j / (1 - P_c)`` and scale ``1 / ((k - c) q_j)``.
+* ``"wta_crs"``: the ``c`` most probable rows are kept exactly (scale 1) in the first ``c`` slots, ``c`` chosen
+  to minimise ``(1 - P_c) / (k - c)`` (``P_c``: the mass of the ``c`` largest); the other ``k - c`` slots are
+  i.i.d. draws with replacement from the remaining rows with ``q_j = p_j / (1 - P_c)`` and scale
+  ``1 / ((k - c) q_j)``.
 * ``"crs"``: ``k`` i.i.d. draws with replacement from ``p``, scale ``1 / (k p_j)``.
 * ``"uniform"``: ``"crs"`` with uniform ``p``.
 * ``"topk"``: the ``k`` most probable rows with scale 1. Deterministic and biased; for ablations only.
 
-Duplicate draws are merged into one kept row whose scale is the sum, so at most ``k`` rows are kept.
+Shapes are static: always ``k`` slots. A row drawn twice fills two slots (the sum is the same estimate), so
+nothing depends on the values drawn and nothing is read back to the host: ``draw`` runs without a device sync.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -58,14 +61,73 @@ def num_kept_rows(n: int, budget: float, min_rows: int = DEFAULT_MIN_ROWS) -> in
     return max(0, min(n, max(min_rows, math.ceil(budget * n - 1e-9))))
 
 
-def check_probs(probs: Tensor, n: int) -> None:
-    """Shape and dtype checks that need no device sync; values are checked in ``sample_rows``."""
-    if not isinstance(probs, Tensor):
-        raise ValueError(f"probs must be a tensor of shape ({n},); got {type(probs).__name__}")
-    if probs.shape != (n,):
-        raise ValueError(f"probs must have shape ({n},), one entry per row; got {tuple(probs.shape)}")
-    if not probs.is_floating_point():
-        raise ValueError(f"probs must be a floating-point tensor; got {probs.dtype}")
+def draw(
+    p: Tensor, k: int, method: str = "wta_crs", generator: torch.Generator | None = None,
+    counter: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``k`` slots for each row of weights ``p`` (..., N) with ``1 <= k < N``: (indices, scales), both (..., k).
+
+    ``p`` holds float32 weights; they need not sum to 1. Non-finite weights make every scale of their row NaN (the
+    estimate is then NaN, as the exact product of non-finite rows is), and the row is drawn as if uniform; a row of
+    all-zero weights has all-zero terms, so any slots give its exact (zero) answer. Indices are int64, scales
+    float32. No host synchronisation, no data-dependent shape. ``counter`` (a 0-d float32 tensor, optional) gets the
+    sum of ``p`` added, so that a non-finite weight leaves it non-finite (``wtacrs.health``).
+    """
+    total = p.sum(-1, keepdim=True)
+    if counter is not None:
+        counter.add_(total.sum())
+    finite = total.isfinite()
+    # Every weight in [tiny, max] (NaN to tiny, Inf to max). Raising zero weights to tiny keeps the draws valid
+    # (a row of zeros is drawn uniformly) and biases nothing: a scale is always computed from the weight the row
+    # was drawn with, and rows of zero weight have zero terms.
+    p = torch.nan_to_num(p, nan=_TINY, posinf=_MAX, neginf=_TINY).clamp_min_(_TINY)
+    if method == "uniform":
+        drawn = _multinomial(torch.ones_like(p), k, generator)
+        scales = torch.full(drawn.shape, p.shape[-1] / k, dtype=torch.float32, device=p.device)
+    elif method == "topk":
+        drawn = torch.topk(p, k, dim=-1, sorted=False).indices
+        scales = torch.ones(drawn.shape, dtype=torch.float32, device=p.device)
+    elif method == "crs":
+        drawn = _multinomial(p, k, generator)
+        scales = p.sum(-1, keepdim=True) / (k * p.gather(-1, drawn))
+    else:
+        drawn, scales = _winners_and_draws(p, k, generator)
+    return drawn, torch.where(finite, scales, math.nan)
+
+
+_TINY = torch.finfo(torch.float32).tiny
+_MAX = torch.finfo(torch.float32).max
+
+
+def _winners_and_draws(p: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """WTA-CRS on weights ``p`` > 0: the first ``c`` slots hold the winners (scale 1), the others draws."""
+    slots, draws_left = _slot_constants(k, p.device)
+    top_p, top_idx = torch.topk(p, k, dim=-1, sorted=True)  # descending
+    # rest[..., c]: the mass outside the c largest rows, c = 0..k-1 (c = 0 is plain CRS). The winner count c
+    # minimises rest / (k - c): its first minimiser, so that ties keep the draws.
+    rest = torch.sub(p.sum(-1, keepdim=True), torch.cumsum(top_p, -1)).add_(top_p)
+    c = torch.argmin(rest / draws_left, dim=-1, keepdim=True)
+    is_winner = slots < c
+    # The draws come from p without the winners; their mass is summed from that very distribution (rest[c] has
+    # cancellation error when the winners hold almost all of it). Every other row has p >= tiny, so it is > 0.
+    rest_p = p.scatter(-1, top_idx, top_p.masked_fill(is_winner, 0.0))
+    drawn = _multinomial(rest_p, k, generator)
+    scale = rest_p.sum(-1, keepdim=True) / (draws_left[c] * p.gather(-1, drawn))
+    return torch.where(is_winner, top_idx, drawn), scale.masked_fill(is_winner, 1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_constants(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``arange(k)`` and ``k - arange(k)`` (float32) on ``device``, made once per (k, device)."""
+    slots = torch.arange(k, device=device)
+    return slots, (k - slots).float()
+
+
+def _multinomial(p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    if p.dim() <= 2:
+        return torch.multinomial(p, k, replacement=True, generator=generator)
+    flat = p.reshape(-1, p.shape[-1])
+    return torch.multinomial(flat, k, replacement=True, generator=generator).reshape(*p.shape[:-1], k)
 
 
 def sample_rows(
@@ -74,116 +136,42 @@ def sample_rows(
     method: Method = "wta_crs",
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Choose rows to keep and their scales.
+    """Choose ``k`` slots (row index and scale) from row weights ``probs`` (N,), or for each row of (G, N).
 
     Args:
-        probs: (N,) non-negative row weights; they need not sum to 1. A row whose weight is 0 is never
-            kept, so the estimate is unbiased only if such rows contribute nothing to the product.
-        k: the row budget; ``k >= N`` keeps every row with scale 1 (exact).
+        probs: non-negative, finite row weights; they need not sum to 1. A row whose weight is 0 is never kept,
+            so the estimate is unbiased only if such rows contribute nothing to the product.
+        k: the number of slots; ``k >= N`` keeps every row once with scale 1 (exact).
         method: one of ``METHODS``.
         generator: optional ``torch.Generator`` on ``probs``' device, for reproducible draws.
 
     Returns:
-        ``(indices, scales)``: sorted, distinct int64 row indices (at most ``k``) and float32 scales, so that
-        ``sum_t scales[t] * outer(a[indices[t]], b[indices[t]])`` estimates ``a.T @ b``.
+        ``(indices, scales)`` of shape (..., min(k, N)): int64 row indices (a row may fill several slots) and
+        float32 scales, so that ``sum_t scales[t] * outer(a[indices[t]], b[indices[t]])`` estimates ``a.T @ b``.
+
+    The values of ``probs`` are checked on the host (one device sync); the training path (``sampled_linear``)
+    checks them without one.
     """
-    indices, scales = draw_rows(probs, k, method, generator)
-    if scales is None:
-        raise ValueError(f"probs must be finite and >= 0; got {_bad_values(probs.detach().float())}")
-    return indices, scales
-
-
-def draw_rows(
-    probs: Tensor, k: int, method: Method = "wta_crs", generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """``sample_rows`` that reports NaN, Inf or negative ``probs`` by returning ``scales=None``, so that
-    callers can word the error for where the probabilities came from."""
     check_method(method)
-    if not isinstance(probs, Tensor) or probs.dim() != 1:
-        shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
-        raise ValueError(f"probs must be a 1-D tensor with one weight per row; got {shape}")
-    n = probs.shape[0]
-    check_probs(probs, n)
+    if not isinstance(probs, Tensor) or probs.dim() not in (1, 2) or not probs.is_floating_point():
+        what = f"{probs.dtype} tensor of shape {tuple(probs.shape)}" if isinstance(probs, Tensor) else type(probs).__name__
+        raise ValueError(f"probs must be a floating-point tensor of shape (N,) or (G, N); got {what}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (rows to keep) must be an integer >= 1; got {k!r}")
     p = probs.detach().float()
-    invalid = ~torch.isfinite(p).all() | (p < 0).any()
-    device = probs.device
+    if not bool(torch.isfinite(p).all() & (p >= 0).all()):
+        raise ValueError(f"probs must be finite and >= 0; got {describe_bad_values(p)}")
+    n = p.shape[-1]
     if k >= n:
-        if bool(invalid):
-            return torch.arange(n, device=device), None
-        return torch.arange(n, device=device), torch.ones(n, device=device, dtype=torch.float32)
-
-    p = torch.where(torch.isfinite(p) & (p > 0), p, torch.zeros_like(p))
-    if method == "uniform":
-        p = torch.ones_like(p)
-    total = p.sum()
-    # All-zero weights: every term of the product is zero, any rows give the exact (zero) answer.
-    p = torch.where(total > 0, p / total.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(p, 1.0 / n))
-
-    if method == "topk":
-        indices = torch.topk(p, k, sorted=False).indices
-        scales = torch.ones(k, device=device, dtype=torch.float32)
-    else:
-        indices, scales = _winners_and_draws(p, k, wta=(method == "wta_crs"), generator=generator)
-    return _merge_duplicates(indices, scales, invalid)
+        indices = torch.arange(n, device=p.device).expand(*p.shape[:-1], n)
+        return indices, torch.ones(indices.shape, dtype=torch.float32, device=p.device)
+    return draw(p, k, method, generator)
 
 
-def _bad_values(t: Tensor) -> str:
-    """A short description of the NaN, Inf and negative entries of ``t``, for error messages."""
-    counts = {
-        "NaN": int(torch.isnan(t).sum()),
-        "Inf": int(torch.isinf(t).sum()),
-        "negative": int((t < 0).sum()),
-    }
+def describe_bad_values(t: Tensor) -> str:
+    """A short description of the NaN, Inf and negative entries of ``t``, for error messages (reads ``t``)."""
+    counts = {"NaN": int(torch.isnan(t).sum()), "Inf": int(torch.isinf(t).sum()), "negative": int((t < 0).sum())}
     return ", ".join(f"{v} {name}" for name, v in counts.items() if v) + f" of {t.numel()} entries"
-
-
-def _merge_duplicates(indices: Tensor, scales: Tensor, invalid: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Sorted distinct indices with summed scales; ``(indices, None)`` when ``invalid`` (a 0-d bool tensor).
-
-    ``torch.unique`` is the one host sync of a sampled call. ``invalid`` rides along with it: it turns every
-    index into -1, so a single distinct index is the only case where a value has to be read back.
-    """
-    indices = torch.where(invalid, torch.full_like(indices, -1), indices)
-    indices, inverse = torch.unique(indices, sorted=True, return_inverse=True)  # host sync
-    if indices.shape[0] == 1 and int(indices[0]) < 0:
-        return indices, None
-    merged = torch.zeros(indices.shape[0], device=indices.device, dtype=torch.float32)
-    return indices, merged.index_add_(0, inverse, scales)
-
-
-def _winners_and_draws(
-    p: Tensor, k: int, wta: bool, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """k slots: the first c hold the winners (scale 1), the rest i.i.d. draws from the remaining mass.
-
-    Written without host syncs: ``c`` stays a tensor, and each slot picks winner or draw with ``where``.
-    """
-    top_p, top_idx = torch.topk(p, k, sorted=True)  # descending
-    slots = torch.arange(k, device=p.device)
-    if wta:
-        # rest[c] = mass outside the c largest rows, c = 0..k-1 (rest[0] = 1: plain CRS).
-        rest = (1.0 - torch.cumsum(top_p, 0) + top_p).clamp_min(0.0)
-        c = torch.argmin(rest / (k - slots).float())  # first minimiser
-        is_winner = slots < c
-    else:
-        is_winner = torch.zeros(k, dtype=torch.bool, device=p.device)
-    draws_per_slot = (k - is_winner.sum()).float()  # s = k - c
-
-    # Remove the winners from the sampling distribution.
-    rest_p = p.scatter(0, top_idx, torch.where(is_winner, torch.zeros_like(top_p), top_p))
-    # Winners holding (almost) all the mass leave nothing to draw: those slots get scale 0 on a winner row.
-    rest_mass = rest_p.sum()
-    has_rest = rest_mass > 0
-    drawn = torch.multinomial(torch.where(has_rest, rest_p, p), k, replacement=True, generator=generator)
-    drawn_p = p[drawn]
-    draw_scale = torch.where(has_rest, rest_mass / (draws_per_slot * drawn_p), torch.zeros_like(drawn_p))
-    drawn = torch.where(has_rest, drawn, top_idx[0])
-
-    indices = torch.where(is_winner, top_idx, drawn)
-    scales = torch.where(is_winner, torch.ones_like(draw_scale), draw_scale)
-    return indices, scales
 
 
 def approx_matmul(
@@ -194,7 +182,7 @@ def approx_matmul(
     probs: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Estimate ``a.T @ b`` for ``a`` (N, m) and ``b`` (N, n) from at most ``k`` sampled rows.
+    """Estimate ``a.T @ b`` for ``a`` (N, m) and ``b`` (N, n) from ``k`` sampled rows.
 
     ``probs`` defaults to ``||a_i|| * ||b_i||``, the variance-minimising choice for CRS. The exact plain-PyTorch
     value is ``a.T @ b``; for ``method != "topk"`` the mean of many estimates converges to it.
@@ -203,16 +191,14 @@ def approx_matmul(
         raise ValueError(
             f"a and b must be 2-D with the same number of rows; got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    given = probs is not None
-    if given:
-        check_probs(probs, a.shape[0])
-    else:
+    if probs is None:
         probs = torch.linalg.vector_norm(a.float(), dim=1) * torch.linalg.vector_norm(b.float(), dim=1)
-    indices, scales = draw_rows(probs, k, method, generator)
-    if scales is None:
-        if given:
-            raise ValueError(f"probs must be finite and >= 0; got {_bad_values(probs.detach().float())}")
-        raise ValueError("a and b must be finite: their row norms (the default probs) hold NaN or Inf")
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError("a and b must be finite: their row norms (the default probs) hold NaN or Inf")
+    elif not isinstance(probs, Tensor) or probs.shape != (a.shape[0],):
+        shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
+        raise ValueError(f"probs must have shape ({a.shape[0]},), one weight per row; got {shape}")
+    indices, scales = sample_rows(probs, k, method, generator)
     out_dtype = torch.result_type(a, b)
     # Scales can exceed fp16's range (rows with small p) and lose digits in bf16: rescale in fp32.
     dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype

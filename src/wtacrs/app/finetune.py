@@ -5,8 +5,11 @@ Methods (the paper's four arms):
 - ``full``: every weight trained.
 - ``lora``: PEFT LoRA on the attention query/key/value projections (r=32, alpha=32, dropout 0.1, biases and
   the classification head trained), as in the paper.
-- ``wtacrs``: ``full`` + ``apply_wtacrs(model, budget, targets="full")``.
-- ``lora-wtacrs``: ``lora`` + ``apply_wtacrs(model, budget, targets="lora")`` (only LoRA's A projections).
+- ``wtacrs``: ``full`` + ``apply_wtacrs(model, budget)`` (attention output and feed-forward projections).
+- ``lora-wtacrs``: ``lora`` + ``apply_wtacrs(model, budget)`` (only LoRA's A projections).
+
+The ``wtacrs`` methods use ``apply_wtacrs``'s defaults (token-statistics probabilities, lossless compact masks)
+unless ``--probs``, ``--no-masks`` or ``--sample-attention`` say otherwise.
 
 Each (task, method, seed) trains from the same pretrained weights, evaluates after every epoch and reports the
 best epoch's metrics (as the paper does on GLUE dev). The results file holds the configuration, metrics per
@@ -43,6 +46,7 @@ from pathlib import Path
 from .data import DEFAULT_TASK, TASKS, DataError, Task, TaskData, load_task
 
 METHODS = ("full", "lora", "wtacrs", "lora-wtacrs")
+PROBS = ("tokens", "activations", "gradcache")
 #: Learning rates that work for MiniLM-sized encoders: LoRA's few parameters need a larger step.
 DEFAULT_LR = {"full": 1e-4, "wtacrs": 1e-4, "lora": 1e-3, "lora-wtacrs": 1e-3}
 #: Attention projections LoRA adapts, per naming family (BERT, LLaMA/OPT/GPT-NeoX style, T5, DistilBERT).
@@ -67,6 +71,8 @@ class RunConfig:
     lr: float | None
     budget: float
     probs: str
+    masks: bool
+    attention: bool
     gc: bool
     bf16: bool
     lora_r: int
@@ -88,8 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", nargs="+", default=["lora-wtacrs"], choices=METHODS, metavar="METHOD",
                         help=f"one or more of {', '.join(METHODS)} (default lora-wtacrs)")
     parser.add_argument("--budget", type=float, default=0.3, help="fraction of rows kept by WTA-CRS, in (0, 1]")
-    parser.add_argument("--probs", choices=("activation", "gradcache"), default="activation",
-                        help="row probabilities: activation norms, or activation x cached gradient norms (paper)")
+    parser.add_argument("--probs", choices=PROBS, default="tokens",
+                        help="row probabilities: activation norms x running per-token gradient norms (default), "
+                             "activation norms alone, or activation x per-example cached gradient norms (paper)")
+    parser.add_argument("--no-masks", dest="masks", action="store_false",
+                        help="wtacrs methods without the lossless 1-bit ReLU/dropout masks")
+    parser.add_argument("--sample-attention", dest="attention", action="store_true",
+                        help="wtacrs methods also sample the two attention matmuls (eager attention)")
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, help="learning rate (default: 1e-4 full/wtacrs, 1e-3 lora/lora-wtacrs)")
@@ -117,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
             command=shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
             config=RunConfig(
                 model=args.model, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                lr=args.lr, budget=args.budget, probs=args.probs, gc=args.gc, bf16=args.bf16, lora_r=args.lora_r,
+                lr=args.lr, budget=args.budget, probs=args.probs, masks=args.masks,
+                attention=args.attention, gc=args.gc, bf16=args.bf16, lora_r=args.lora_r,
                 lora_alpha=args.lora_alpha, weight_decay=args.weight_decay, warmup=args.warmup,
                 max_train=args.max_train, max_eval=args.max_eval, device=args.device,
             ),
@@ -166,8 +178,8 @@ def check_config(config: RunConfig, methods: list[str], seeds: list[int], world:
         raise FinetuneError(f"method must be one of {', '.join(METHODS)}; got {unknown[0]!r}")
     if len(set(seeds)) != len(seeds):
         raise FinetuneError(f"seeds must be distinct; got {seeds}")
-    if config.probs not in ("activation", "gradcache"):
-        raise FinetuneError(f"probs must be activation or gradcache; got {config.probs!r}")
+    if config.probs not in PROBS:
+        raise FinetuneError(f"probs must be one of {', '.join(PROBS)}; got {config.probs!r}")
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -283,8 +295,9 @@ def prepare_model(model, method: str, config: RunConfig, grad_cache=None):
     if method in ("wtacrs", "lora-wtacrs"):
         from ..patch import apply_wtacrs
 
+        probs = grad_cache if config.probs == "gradcache" else config.probs
         model = apply_wtacrs(model, budget=config.budget, targets="lora" if method == "lora-wtacrs" else "full",
-                             grad_cache=grad_cache)
+                             probs=probs, compact_masks=config.masks, sample_attention=config.attention)
     if config.gc:  # non-reentrant: the sampled layers' saved rows must be recomputed, not kept
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

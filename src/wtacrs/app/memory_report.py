@@ -143,9 +143,9 @@ def prepare_arm(model: nn.Module, family: str, arm: str, budget: float) -> nn.Mo
                      sample_attention="attn" in features)
         return model.train()
     if "attn" in features:
-        from ..attention import patch_attention_sampling
+        from ..attention import patch_attention
 
-        patch_attention_sampling(model, budget)
+        patch_attention(model, budget, compact_dropout="masks" in features)
     if "masks" in features:
         from ..masks import patch_compact_masks
 

@@ -1,0 +1,11 @@
+"""The few kernels of the training path, each as Triton and as a plain-PyTorch reference beside it.
+
+The Triton version runs where it can (a CUDA tensor, Triton installed, eager mode); the reference runs everywhere
+else, and under ``torch.compile``, where Inductor fuses the reference's ops itself. Both compute the same values;
+``tests/test_kernels.py`` checks each Triton kernel against its reference on CPU with ``TRITON_INTERPRET=1``.
+"""
+
+from .bits import masked_grad, pack_bits, relu_with_mask, unpack_bits
+from .rows import gather_scale_rows, row_norms
+
+__all__ = ["gather_scale_rows", "masked_grad", "pack_bits", "relu_with_mask", "row_norms", "unpack_bits"]

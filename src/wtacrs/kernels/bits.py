@@ -1,0 +1,80 @@
+"""1-bit masks for compact ReLU and dropout: pack a bool tensor eight elements to a byte, unpack it, and the two
+fused steps around them (ReLU that also packs its mask; a gradient passed through a packed mask)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import use_triton
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Pack a bool tensor into uint8, 8 elements per byte (element ``8*i + j`` is bit ``j`` of byte ``i``).
+
+    The last byte is zero-padded; ``unpack_bits(pack_bits(m), m.numel()).view(m.shape)`` equals ``m``.
+    """
+    if use_triton(mask):
+        from .bits_triton import pack_bits_triton
+
+        return pack_bits_triton(mask)
+    return pack_bits_reference(mask)
+
+
+def pack_bits_reference(mask: Tensor) -> Tensor:
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    # Each group of 8 bytes (0 or 1) read as one little-endian int64 has byte j at bit 8j; multiplying by
+    # sum_j 2**(56 - 7j) moves byte j's bit to bit 56 + j without carries, so bits 56..63 are the packed byte.
+    # One vectorised multiply instead of eight strided shifts and ORs (little-endian, as every PyTorch platform).
+    words = flat.view(torch.int64)
+    return ((words * 0x0102040810204080) >> 56).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """The flat bool tensor of ``numel`` elements that ``pack_bits`` packed."""
+    if use_triton(packed):
+        from .bits_triton import unpack_bits_triton
+
+        return unpack_bits_triton(packed, numel)
+    return unpack_bits_reference(packed, numel)
+
+
+def unpack_bits_reference(packed: Tensor, numel: int) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
+def relu_with_mask(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(torch.relu(x), pack_bits(~(relu(x) <= 0)))``: the output and the packed mask of where its gradient passes
+    (``threshold_backward`` passes it where the output is not ``<= 0``, NaN included)."""
+    if use_triton(x):
+        from .bits_triton import relu_with_mask_triton
+
+        return relu_with_mask_triton(x)
+    return relu_with_mask_reference(x)
+
+
+def relu_with_mask_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    out = torch.relu(x)
+    return out, pack_bits_reference(~(out <= 0))
+
+
+def masked_grad(grad: Tensor, packed: Tensor, scale: float | None = None) -> Tensor:
+    """The gradient through a packed mask ``m``: ``where(m, grad, 0)`` (ReLU) when ``scale`` is None, else
+    ``grad * m * scale`` as ``native_dropout_backward`` computes it (in float32 for half-precision ``grad``)."""
+    if use_triton(grad, packed):
+        from .bits_triton import masked_grad_triton
+
+        return masked_grad_triton(grad, packed, scale)
+    return masked_grad_reference(grad, packed, scale)
+
+
+def masked_grad_reference(grad: Tensor, packed: Tensor, scale: float | None = None) -> Tensor:
+    mask = unpack_bits_reference(packed, grad.numel()).view(grad.shape)
+    if scale is None:
+        return torch.where(mask, grad, 0.0)
+    return torch.ops.aten.native_dropout_backward(grad, mask, scale)

@@ -1,0 +1,42 @@
+"""Row kernels of the sampled linear: row norms of the input (forward) and the gather-and-scale of the kept rows of
+the output gradient (backward)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dispatch import use_triton
+
+
+def row_norms(x2d: Tensor) -> Tensor:
+    """``torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32)``: (N,) float32 norms of the rows of ``x2d``."""
+    if use_triton(x2d):
+        from .rows_triton import row_norms_triton
+
+        return row_norms_triton(x2d)
+    return row_norms_reference(x2d)
+
+
+def row_norms_reference(x2d: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32)
+
+
+def gather_scale_rows(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
+    """``g2d[indices] * scales[:, None]``: the kept rows of an output gradient, each times its slot's scale.
+
+    Computed in float32; the result is ``g2d``'s dtype, except float16, which stays float32 (a scale can exceed
+    float16's range: rows drawn with a small probability get a large one).
+    """
+    if use_triton(g2d, indices, scales):
+        from .rows_triton import gather_scale_rows_triton
+
+        return gather_scale_rows_triton(g2d, indices, scales)
+    return gather_scale_rows_reference(g2d, indices, scales)
+
+
+def gather_scale_rows_reference(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
+    out_dtype = torch.float32 if g2d.dtype == torch.float16 else g2d.dtype
+    if g2d.dtype == torch.float32:
+        return g2d.index_select(0, indices) * scales.unsqueeze(1)
+    return (g2d.index_select(0, indices).float() * scales.unsqueeze(1)).to(out_dtype)

@@ -51,6 +51,9 @@ class KeptRows:
     scales: Tensor | None  # (k,) float32
     num_rows: int  # N, the input's row count
     already_saved_by: str | None = None  # the autograd node that saves the whole input anyway, if any
+    # The layer reads dropout(rows' input) rather than that input: (packed keep-mask of the whole input, kept value);
+    # its rows are rebuilt in backward as rows * mask rows * value (wtacrs.lora).
+    dropout: tuple[Tensor, Tensor] | None = None
 
 
 def check_floor(floor: float) -> None:
@@ -201,16 +204,16 @@ class SampledLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, indices, scales, probe, ids, counts, transposed: bool):
+    def forward(ctx, x, weight, bias, rows, indices, scales, probe, ids, counts, mask, mask_value, transposed: bool):
         ctx.x_shape = x.shape
         ctx.transposed = transposed
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(weight, rows, indices, scales, ids, counts, probe)
+        ctx.save_for_backward(weight, rows, indices, scales, ids, counts, probe, mask, mask_value)
         return exact_linear(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        weight, rows, indices, scales, ids, counts, probe = ctx.saved_tensors
+        weight, rows, indices, scales, ids, counts, probe, mask, mask_value = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         dtype = grad_2d.dtype
         grad_x = grad_w = grad_b = grad_probe = None
@@ -219,14 +222,27 @@ class SampledLinearFunction(torch.autograd.Function):
             grad_x = (grad_2d @ (w.T if ctx.transposed else w)).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             kept_grad = grad_2d if indices is None else kernels.gather_scale_rows(grad_2d, indices, scales)
-            rows2d = _as(rows.view(-1, rows.shape[-1]), kept_grad.dtype)
+            rows2d = rows.view(-1, rows.shape[-1])
+            if mask is not None:
+                rows2d = _dropped_rows(rows2d, indices, mask, mask_value)
+            rows2d = _as(rows2d, kept_grad.dtype)
             grad_w = _as(rows2d.T @ kept_grad if ctx.transposed else kept_grad.T @ rows2d, weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = _as(grad_2d.sum(0), ctx.bias_dtype)
         if ctx.needs_input_grad[6]:
             grad_probe = (torch.zeros_like(probe) if ids is None
                           else TokenGradStats.contribution(grad_2d, ids, counts))
-        return grad_x, grad_w, grad_b, None, None, None, grad_probe, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, grad_probe, None, None, None, None, None
+
+
+def _dropped_rows(rows: Tensor, indices: Tensor | None, mask: Tensor, value: Tensor) -> Tensor:
+    """The rows of ``dropout(input)`` for kept ``rows`` of the input: ``rows * mask rows * value`` (rows of d
+    elements, d a multiple of 8, are whole bytes of the packed mask)."""
+    k, d = rows.shape
+    if indices is not None:
+        mask = mask.view(-1, d // 8).index_select(0, indices).view(-1)
+    keep = kernels.unpack_bits(mask, k * d).view(k, d)
+    return rows * (keep.to(rows.dtype) * value.to(rows.dtype))
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -241,8 +257,9 @@ def apply_sampled_linear(
     (the sampler's probe, the rows' token ids, flat and in range, and their counts per token id), backward gives
     the probe its output-gradient norms per token (zeros without ids; see ``wtacrs.sampler``)."""
     probe, ids, counts = (None, None, None) if report is None else report
+    mask, mask_value = (None, None) if kept.dropout is None else kept.dropout
     return SampledLinearFunction.apply(x, weight, bias, kept.rows, kept.indices, kept.scales, probe, ids, counts,
-                                       transposed)
+                                       mask, mask_value, transposed)
 
 
 def sampled_linear(

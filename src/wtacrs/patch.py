@@ -55,6 +55,7 @@ class _PatchState:
     target_notes: list[str] = field(default_factory=list)
     masks_undo: list | None = None
     attention_undo: object = None
+    lora_undo: list = field(default_factory=list)
 
 
 def apply_wtacrs(
@@ -83,7 +84,9 @@ def apply_wtacrs(
             ``GradNormCache`` (the paper's per-example cache; batches must carry example ids, see
             ``wtacrs.hf.ExampleIdCollator``). Gradient estimates are always mixed with ``||x_i||`` by ``floor``,
             so the estimate stays unbiased for any loss.
-        share_inputs: consecutive layers reading the same input tensor keep one shared sample of its rows.
+        share_inputs: consecutive layers reading the same input tensor keep one shared sample of its rows; with
+            ``compact_masks`` also the LoRA ``A`` projections that read it through their own dropouts
+            (``wtacrs.lora``).
         compact_masks: ReLU and dropout keep 1-bit masks instead of full tensors (lossless: the same values and
             gradients; ``wtacrs.masks``).
         sample_attention: also sample the two attention matmuls (QKᵀ and attn·V) at ``budget``, the paper's
@@ -151,6 +154,10 @@ def apply_wtacrs(
 
         state.attention_undo = patch_attention(model, budget, method, min_rows=min_rows,
                                                compact_dropout=compact_masks, health=sampler.health)
+    if compact_masks and share_inputs:
+        from .lora import share_through_lora_dropout
+
+        state.lora_undo = share_through_lora_dropout(model, selection.names, sampler)
     if compact_masks:
         from .masks import patch_compact_masks
 
@@ -207,6 +214,8 @@ def remove_wtacrs(model: nn.Module) -> nn.Module:
         from .masks import unpatch
 
         unpatch(state.masks_undo)
+    for swap in reversed(state.lora_undo):
+        swap.undo()
     if state.attention_undo is not None:
         state.attention_undo.undo()
     # Found by value rather than through a handle, which a deep copy of the model would not carry over.

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -55,13 +56,14 @@ class RowSampler:
         self.example_ids: Tensor | None = None
         self._ids: dict[str, Tensor | Callable[[], Tensor] | None] = dict.fromkeys(STACKS)
         self._probe: Tensor | None = None
+        self._dropped: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # see note_dropout
         self._last: tuple[Tensor, tuple, KeptRows] | None = None  # the most recent sampled input and its rows
 
     compute_dtype = staticmethod(compute_dtype)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_probe=None, _last=None)  # the probe carries a hook: a copy makes its own
+        state.update(_probe=None, _last=None, _dropped=None)  # the probe carries a hook: a copy makes its own
         return state
 
     def probe(self, device: torch.device) -> Tensor:
@@ -92,6 +94,7 @@ class RowSampler:
             self.grad_cache.commit()
         # A sample is shared within one forward only: an input fed again (the same batch twice) gets fresh rows.
         self._last = None
+        self._dropped = None
         self.example_ids = example_ids
         self._ids = {"encoder": token_ids, "decoder": decoder_token_ids}
         self.tokens = dict.fromkeys(STACKS)
@@ -111,6 +114,11 @@ class RowSampler:
             tokens = self.tokens[stack] = (tuple(ids.shape), *self.stats.token_ids(ids))
         return tokens
 
+    def note_dropout(self, out: Tensor, x: Tensor, packed: Tensor, value: Tensor) -> None:
+        """``out`` is a compact dropout of ``x`` with keep-mask ``packed`` and kept value ``value``
+        (``wtacrs.lora.LoraDropout``): a layer reading ``out`` may keep rows of ``x`` instead."""
+        self._dropped = (out, x, packed, value)
+
     def keep(self, layer: "SampledLinear", x: Tensor, row_scores: Tensor | None = None):
         """(kept rows, report) for a layer's training forward on ``x``: ``report`` = (probe, token ids, counts) is
         what ``apply_sampled_linear`` needs to report to the probe (ids and counts None without token statistics
@@ -121,6 +129,13 @@ class RowSampler:
         if self.stats is not None:
             self.stats.to(x.device)
         report = (self.probe(x.device), *((None, None) if tokens is None else tokens[1:]))
+        dropped = self._dropped
+        if dropped is not None and dropped[0] is x and row_scores is None and x.shape[-1] % 8 == 0:
+            # Rows of the dropout's input, shared with the other adapters reading it; backward rebuilds this
+            # layer's rows from them and its dropout's mask (wtacrs.lora).
+            self._dropped = None
+            kept, report = self.keep(layer, dropped[1])
+            return dataclasses.replace(kept, dropout=(dropped[2], dropped[3]), already_saved_by=None), report
         settings = (layer.budget, layer.method, layer.min_rows, layer.floor, layer.generator)
         last = self._last
         if self.share_inputs and row_scores is None and last is not None and last[0] is x and last[1] == settings:

@@ -1,8 +1,31 @@
-"""Shared helpers: heavy-tailed data, saved-tensor accounting and the statistical check for unbiasedness."""
+"""Shared helpers: heavy-tailed data, saved-tensor accounting and the statistical checks for unbiasedness.
+
+How an unbiasedness check is designed (``check_unbiased``)
+--------------------------------------------------------
+An estimator draws a random vector G (a gradient, a product) whose mean must equal the exact value E. A fault that
+rescales one *branch* of it (the drawn rows, the winners, the sampled attention columns) by ``1 + b`` moves the mean
+by ``b * C``, ``C`` the branch's expected contribution, which the test computes. Per-entry z-scores alone are weak
+against such a fault (each entry is noisy, and their Bonferroni bound grows with the entry count), so each branch
+also gets one pooled statistic: the projection ``u = <w, G - E>`` on ``w = C / var(G)`` (the matched filter under a
+diagonal covariance; its standard error is measured from the draws of ``u`` themselves, so correlation between
+entries is accounted for). ``w`` is fixed from a pilot run that the test statistics do not reuse.
+
+From the pilot's standard error of ``u`` the check computes how many draws it needs so that a relative bias of
+``BIAS`` (5%) in any branch is found with probability ``POWER`` (0.99) at a family-wise false-alarm rate ``ALPHA``
+(1e-3, Bonferroni over all entries and projections); it runs at least ``min_draws``, refuses (fails) if more than
+``max_draws`` would be needed, and afterwards recomputes, from the main draws, the smallest relative bias per branch
+it detects with probability ``POWER`` (``Verdict.detectable``) and asserts that it is at most ``BIAS``. Every check
+prints that line.
+
+Entries the estimator gets exactly (zero variance: rows kept every time, parameters whose gradient is not sampled)
+must match E within ``rounding``, a bound on floating-point error that the caller derives from its arithmetic.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import pytest
@@ -12,8 +35,15 @@ from torch import Tensor
 from wtacrs.app.demo import heavy_tailed_rows
 from wtacrs.memory import SavedTensors
 
-#: Chance that an unbiased estimator fails ``assert_unbiased`` (family-wise over all entries of one check).
+#: Family-wise false-alarm rate of one unbiasedness check (all its entries and projections together).
+ALPHA = 1e-3
+#: Probability with which a check must detect a relative scale bias of ``BIAS`` in any branch of the estimator.
+POWER = 0.99
+BIAS = 0.05
+#: Chance that an unbiased estimator fails a ``max_abs_z`` check (family-wise over the entries of one check).
 FAMILY_ALPHA = 1e-4
+
+_NORMAL = NormalDist()
 
 
 def heavy(n: int, d: int, seed: int, tail: float = 1.5) -> Tensor:
@@ -21,10 +51,16 @@ def heavy(n: int, d: int, seed: int, tail: float = 1.5) -> Tensor:
     return heavy_tailed_rows(n, d, tail, torch.Generator().manual_seed(seed))
 
 
+def two_sided_limit(tests: int, alpha: float) -> float:
+    """|z| beyond which one of ``tests`` two-sided tests rejects, family-wise rate ``alpha`` (Bonferroni)."""
+    return _NORMAL.inv_cdf(1.0 - alpha / (2 * max(tests, 1)))
+
+
 def z_threshold(entries: int, alpha: float = FAMILY_ALPHA) -> float:
     """Largest |z| an unbiased estimate may show over ``entries`` entries: the two-sided Bonferroni bound for a
-    family-wise false-alarm rate ``alpha``, and never below 4 standard errors."""
-    return max(4.0, NormalDist().inv_cdf(1.0 - alpha / (2 * entries)))
+    family-wise false-alarm rate ``alpha``, and never below 4 standard errors. (Per-entry only: prefer
+    ``check_unbiased``, which also states and guarantees its power.)"""
+    return max(4.0, two_sided_limit(entries, alpha))
 
 
 def max_abs_z(draws: Tensor, exact: Tensor) -> float:
@@ -40,6 +76,162 @@ def max_abs_z(draws: Tensor, exact: Tensor) -> float:
     slack = 1e-5 * exact.abs().max()
     excess = ((mean - exact).abs() - slack).clamp_min(0.0)
     return float((excess / se.clamp_min(1e-300)).max())
+
+
+def float64_rounding(exact: Tensor) -> Tensor:
+    """Rounding allowed for exactly computed entries when both sides are computed in float64 by different code
+    paths: sums of at most 1e4 terms through chains of at most 1e3 operations, unit roundoff 2**-53, relative
+    to the largest entry (about 1e-9 of it)."""
+    return torch.full_like(exact.double(), 1e7 * 2.0**-53 * float(exact.abs().max()))
+
+
+def sum_rounding(abs_terms: Tensor, terms: int, dtype: torch.dtype) -> Tensor:
+    """Bound on the rounding of a floating-point sum of ``terms`` products (``dtype``; float64 reference):
+    ``gamma_n * sum |terms|`` with ``gamma_n = n u / (1 - n u)`` (Higham, Accuracy and Stability, 3.1), ``n`` one
+    more than the terms for the products and the scales."""
+    u = torch.finfo(dtype).eps / 2
+    n = terms + 2
+    return abs_terms.double() * (n * u / (1 - n * u))
+
+
+@dataclass
+class Verdict:
+    """What one unbiasedness check measured."""
+
+    name: str
+    draws: int
+    limit_entries: float
+    limit_branches: float
+    z_entries: float  # max over the random entries of |mean - exact| / SE (rounding allowed first)
+    z_branches: dict[str, float] = field(default_factory=dict)  # per branch, the |z| of its projection
+    detectable: dict[str, float] = field(default_factory=dict)  # smallest relative bias detected with POWER
+    exact_entries: int = 0
+    worst_exact: float = 0.0  # largest |mean - exact| / rounding over the exactly computed entries
+
+    def line(self) -> str:
+        detect = ", ".join(f"{b} {v:.2%}" for b, v in self.detectable.items()) or "no random branch"
+        zs = ", ".join(f"{b} {v:.2f}" for b, v in self.z_branches.items())
+        return (
+            f"{self.name}: {self.draws} draws; detects a relative bias of {detect} (power {POWER}, "
+            f"false alarms {ALPHA:g}); |z| entries {self.z_entries:.2f} (limit {self.limit_entries:.2f}), "
+            f"branches {zs or '-'} (limit {self.limit_branches:.2f}); {self.exact_entries} exact entries "
+            f"within {self.worst_exact:.2g} of their rounding bound"
+        )
+
+    @property
+    def unbiased(self) -> bool:
+        return (
+            self.worst_exact <= 1.0
+            and self.z_entries <= self.limit_entries
+            and all(z <= self.limit_branches for z in self.z_branches.values())
+        )
+
+
+class _Moments:
+    """Running sums of the deviations ``G - E`` (per entry) and of the branch projections."""
+
+    def __init__(self, exact: Tensor, directions: dict[str, Tensor]) -> None:
+        self.exact, self.directions = exact, directions
+        self.n = 0
+        self.sum = torch.zeros_like(exact)
+        self.sum_sq = torch.zeros_like(exact)
+        self.proj = {b: [] for b in directions}
+
+    def add(self, draws: Tensor) -> None:
+        d = draws.double().reshape(draws.shape[0], -1) - self.exact
+        self.n += d.shape[0]
+        self.sum += d.sum(0)
+        self.sum_sq += d.square().sum(0)
+        for b, w in self.directions.items():
+            self.proj[b].append(d @ w)
+
+    def mean(self) -> Tensor:
+        return self.sum / self.n
+
+    def var(self) -> Tensor:
+        return ((self.sum_sq - self.sum.square() / self.n) / (self.n - 1)).clamp_min(0.0)
+
+    def projections(self, branch: str) -> Tensor:
+        return torch.cat(self.proj[branch])
+
+
+def check_unbiased(
+    sample: Callable[[int], Tensor],
+    exact: Tensor,
+    branches: dict[str, Tensor],
+    *,
+    name: str,
+    rounding: Tensor | float = 0.0,
+    pilot: int = 100,
+    min_draws: int = 300,
+    max_draws: int = 20_000,
+    chunk: int = 100,
+) -> Verdict:
+    """Assert that ``sample(n)`` ((n, ...) draws of an estimator) has mean ``exact``, with the power described in
+    the module docstring; print and return the ``Verdict``.
+
+    ``branches`` maps a branch name to its expected contribution (shaped like ``exact``); a fault that rescales that
+    branch by 1.05 must be detected. ``rounding`` (a scalar or a tensor like ``exact``) bounds the floating-point
+    error of an entry; entries whose draws spread no wider than it are checked as exact.
+    """
+    exact = exact.double().reshape(-1)
+    rounding = torch.as_tensor(rounding, dtype=torch.float64).reshape(-1).expand(exact.shape)
+    contributions = {b: c.double().reshape(-1) for b, c in branches.items()}
+
+    # Pilot: how much each entry varies, hence each branch's projection and the spread of that projection.
+    pilot_draws = sample(pilot).double().reshape(pilot, -1) - exact
+    pilot_var = pilot_draws.var(0)
+    random = pilot_var.sqrt() > rounding
+    directions = {}
+    for b, c in contributions.items():
+        w = torch.where(random, c / pilot_var.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        signal = float(w @ c)
+        if signal > 0 and math.isfinite(signal):
+            directions[b] = w / signal  # normalised: a relative bias r of the branch moves E[u] by r
+    limit_branches = two_sided_limit(len(directions), ALPHA / 2)
+    z_power = _NORMAL.inv_cdf(POWER)
+    # Draws needed, from each projection's spread in the pilot at its upper 99% confidence bound.
+    needed = min_draws
+    for w in directions.values():
+        sd = float((pilot_draws @ w).std()) * (1 + z_power / math.sqrt(2 * (pilot - 1)))
+        needed = max(needed, math.ceil(((limit_branches + z_power) * sd / BIAS) ** 2))
+    assert needed <= max_draws, (
+        f"{name}: detecting a {BIAS:.0%} bias in every branch would need {needed} draws (more than {max_draws})"
+    )
+    del pilot_draws
+
+    main = _Moments(exact, directions)
+    while main.n < needed:
+        main.add(sample(min(chunk, needed - main.n)))
+    n = main.n
+    mean, var = main.mean(), main.var()
+    varies = var.sqrt() > rounding
+    fixed = ~varies
+    limit_entries = two_sided_limit(int(varies.sum()), ALPHA / 2)
+    excess = (mean.abs() - rounding).clamp_min(0.0)  # mean: of the deviations from exact
+    se = (var / n).sqrt()
+    z_entries = float((excess[varies] / se[varies]).max()) if bool(varies.any()) else 0.0
+    verdict = Verdict(name, n, limit_entries, limit_branches, z_entries, exact_entries=int(fixed.sum()))
+    if bool(fixed.any()):
+        allowed = rounding[fixed].clamp_min(torch.finfo(torch.float64).tiny)
+        verdict.worst_exact = float((mean.abs()[fixed] / allowed).max())
+    for b, w in directions.items():
+        u = main.projections(b)
+        slack = float(w.abs() @ rounding)
+        u_se = float(u.std()) / math.sqrt(n)
+        verdict.z_branches[b] = max(abs(float(u.mean())) - slack, 0.0) / max(u_se, 1e-300)
+        verdict.detectable[b] = (limit_branches + z_power) * u_se
+    print("\n" + verdict.line())
+    assert verdict.unbiased, f"biased: {verdict.line()}"
+    assert all(v <= BIAS for v in verdict.detectable.values()), f"underpowered: {verdict.line()}"
+    return verdict
+
+
+def winner_count(scales: Tensor) -> int:
+    """The winners of one ``KeptRows`` (WTA-CRS): its first slots with scale exactly 1.0 (a drawn slot's scale is
+    1.0 only by coincidence). Reads the scales (a device sync): for tests."""
+    not_one = (scales.reshape(-1) != 1.0).nonzero()
+    return int(not_one[0]) if len(not_one) else scales.numel()
 
 
 def saved_tensors_of(fn, *exclude: Tensor) -> tuple[SavedTensors, object]:

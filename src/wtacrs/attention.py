@@ -74,10 +74,10 @@ def _index_probabilities(a3: Tensor, b3: Tensor, keep_a: bool) -> Tensor:
     attention inputs its mean of 2,000 gradient estimates lay up to 88 standard errors from the exact value (a
     heavy tail, not a bias). The mixture keeps each scale within twice the one-operand choice.
     """
-    nb = torch.linalg.vector_norm(b3, dim=2, dtype=torch.float32)
+    nb = torch.linalg.vector_norm(b3, dim=2, dtype=torch.promote_types(b3.dtype, torch.float32)).float()
     if keep_a:
         return nb
-    na = torch.linalg.vector_norm(a3, dim=1, dtype=torch.float32)
+    na = torch.linalg.vector_norm(a3, dim=1, dtype=torch.promote_types(a3.dtype, torch.float32)).float()
     tiny = torch.finfo(torch.float32).tiny
     return na / na.sum(1, keepdim=True).clamp_min(tiny) + nb / nb.sum(1, keepdim=True).clamp_min(tiny)
 

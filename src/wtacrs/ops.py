@@ -199,21 +199,22 @@ class SampledLinearFunction(torch.autograd.Function):
 
     With ``transposed=True`` the weight is (in, out) and the forward is ``Conv1D``'s ``addmm``. The weight is saved
     as given (a parameter, no copy) and cast to the gradient's dtype in backward, so under autocast no
-    low-precision weight copy is kept for backward. ``probe``, ``ids`` and ``counts`` (optional) route
+    low-precision weight copy is kept for backward. ``probe`` and ``ids`` (optional) route
     this call's output-gradient norms per token to the sampler (``apply_sampled_linear``).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, indices, scales, probe, ids, counts, mask, mask_value, transposed: bool):
+    def forward(ctx, x, weight, bias, rows, indices, scales, probe, ids, mask, mask_value, transposed: bool):
         ctx.x_shape = x.shape
         ctx.transposed = transposed
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(weight, rows, indices, scales, ids, counts, probe, mask, mask_value)
+        ctx.probe_rows = None if probe is None else probe.shape[0]  # the probe itself is not kept
+        ctx.save_for_backward(weight, rows, indices, scales, ids, mask, mask_value)
         return exact_linear(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        weight, rows, indices, scales, ids, counts, probe, mask, mask_value = ctx.saved_tensors
+        weight, rows, indices, scales, ids, mask, mask_value = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         dtype = grad_2d.dtype
         grad_x = grad_w = grad_b = grad_probe = None
@@ -230,9 +231,9 @@ class SampledLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = _as(grad_2d.sum(0), ctx.bias_dtype)
         if ctx.needs_input_grad[6]:
-            grad_probe = (torch.zeros_like(probe) if ids is None
-                          else TokenGradStats.contribution(grad_2d, ids, counts))
-        return grad_x, grad_w, grad_b, None, None, None, grad_probe, None, None, None, None, None
+            grad_probe = (grad_2d.new_zeros(ctx.probe_rows, 2, dtype=torch.float32) if ids is None
+                          else TokenGradStats.contribution(grad_2d, ids, ctx.probe_rows))
+        return grad_x, grad_w, grad_b, None, None, None, grad_probe, None, None, None, None
 
 
 def _dropped_rows(rows: Tensor, indices: Tensor | None, mask: Tensor, value: Tensor) -> Tensor:
@@ -251,14 +252,14 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def apply_sampled_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, kept: KeptRows, transposed: bool = False,
-    report: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
+    report: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """The autograd op on rows already kept (no checks): what the sampled layers call. With ``report`` =
-    (the sampler's probe, the rows' token ids, flat and in range, and their counts per token id), backward gives
-    the probe its output-gradient norms per token (zeros without ids; see ``wtacrs.sampler``)."""
-    probe, ids, counts = (None, None, None) if report is None else report
+    (the sampler's probe, the rows' token ids, flat and in range), backward gives the probe its output-gradient
+    norms per token (zeros without ids; see ``wtacrs.sampler``)."""
+    probe, ids = (None, None) if report is None else report
     mask, mask_value = (None, None) if kept.dropout is None else kept.dropout
-    return SampledLinearFunction.apply(x, weight, bias, kept.rows, kept.indices, kept.scales, probe, ids, counts,
+    return SampledLinearFunction.apply(x, weight, bias, kept.rows, kept.indices, kept.scales, probe, ids,
                                        mask, mask_value, transposed)
 
 

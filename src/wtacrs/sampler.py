@@ -51,8 +51,8 @@ class RowSampler:
         self.stats = stats
         self.grad_cache = grad_cache
         self.health = Health()
-        # Per stack: (shape of the token ids, flat ids, count per id) of the batch, when token statistics apply.
-        self.tokens: dict[str, tuple[tuple, Tensor, Tensor] | None] = dict.fromkeys(STACKS)
+        # Per stack: (shape of the token ids, flat ids) of the batch, when token statistics apply.
+        self.tokens: dict[str, tuple[tuple, Tensor] | None] = dict.fromkeys(STACKS)
         self.example_ids: Tensor | None = None
         self._ids: dict[str, Tensor | Callable[[], Tensor] | None] = dict.fromkeys(STACKS)
         self._probe: Tensor | None = None
@@ -99,8 +99,8 @@ class RowSampler:
         self._ids = {"encoder": token_ids, "decoder": decoder_token_ids}
         self.tokens = dict.fromkeys(STACKS)
 
-    def _tokens(self, stack: str) -> tuple[tuple, Tensor, Tensor] | None:
-        """(shape of the token ids, flat ids, count per id) of the batch for ``stack``, made on first use."""
+    def _tokens(self, stack: str) -> tuple[tuple, Tensor] | None:
+        """(shape of the token ids, flat ids) of the batch for ``stack``, made on first use."""
         if self.stats is None:
             return None
         tokens = self.tokens.get(stack)
@@ -111,7 +111,7 @@ class RowSampler:
             if callable(ids):
                 ids = ids()
             self.stats.to(ids.device)
-            tokens = self.tokens[stack] = (tuple(ids.shape), *self.stats.token_ids(ids))
+            tokens = self.tokens[stack] = (tuple(ids.shape), self.stats.token_ids(ids))
         return tokens
 
     def note_dropout(self, out: Tensor, x: Tensor, packed: Tensor, value: Tensor) -> None:
@@ -120,15 +120,15 @@ class RowSampler:
         self._dropped = (out, x, packed, value)
 
     def keep(self, layer: "SampledLinear", x: Tensor, row_scores: Tensor | None = None):
-        """(kept rows, report) for a layer's training forward on ``x``: ``report`` = (probe, token ids, counts) is
-        what ``apply_sampled_linear`` needs to report to the probe (ids and counts None without token statistics
-        for these rows)."""
+        """(kept rows, report) for a layer's training forward on ``x``: ``report`` = (probe, token ids) is what
+        ``apply_sampled_linear`` needs to report to the probe (ids None without token statistics for these
+        rows)."""
         tokens = self._tokens(layer.stack)
         if tokens is not None and tokens[0] != tuple(x.shape[:-1]):
             tokens = None
         if self.stats is not None:
             self.stats.to(x.device)
-        report = (self.probe(x.device), *((None, None) if tokens is None else tokens[1:]))
+        report = (self.probe(x.device), None if tokens is None else tokens[1])
         dropped = self._dropped
         if dropped is not None and dropped[0] is x and row_scores is None and x.shape[-1] % 8 == 0:
             # Rows of the dropout's input, shared with the other adapters reading it; backward rebuilds this

@@ -196,7 +196,7 @@ def run_scenarios(rank: int) -> dict:
 
     def record(saved: dict, t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, nn.Parameter):
-            saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+            saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes(), tuple(t.shape))
         return t
 
     for patched in (False, True):
@@ -208,9 +208,10 @@ def run_scenarios(rank: int) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: record(saved, t), lambda t: t):
             loss = loss_of(model, x, y)
         loss.backward()
-        losses[patched], nbytes[patched] = loss.detach(), sum(b for _, b in saved.values())
+        losses[patched], nbytes[patched] = loss.detach(), sum(b for _, b, _ in saved.values())
         if patched:
-            dtypes = {dtype for dtype, _ in saved.values()}
+            dtypes = {dtype for dtype, _, _ in saved.values()}
+            res["bf16_saved_shapes"] = {shape for dtype, _, shape in saved.values() if dtype == torch.bfloat16}
         res[f"bf16_grad_finite_{patched}"] = all(torch.isfinite(full(p.grad)).all() for p in model.parameters())
     res["bf16_loss_equal"] = torch.equal(losses[False], losses[True])
     res["bf16_bytes"] = nbytes
@@ -317,7 +318,9 @@ def test_fsdp_bf16_mixed_precision(ranks):
     assert r["bf16_loss_equal"], "forward must not change with sampling"
     assert r["bf16_grad_finite_True"] and r["bf16_grad_finite_False"]
     assert r["bf16_bytes"][True] < r["bf16_bytes"][False]
-    assert {torch.bfloat16, torch.float32, torch.int32} <= r["bf16_saved_dtypes"], "rows bf16, scales fp32, indices"
+    assert {torch.bfloat16, torch.float32, torch.int64} <= r["bf16_saved_dtypes"], "rows bf16, scales fp32, indices"
+    kept = 20  # ceil(0.3 * 64) rows of each sampled input, in the bf16 compute dtype; the first layer's whole input
+    assert {(kept, D_IN), (kept, 32)} <= r["bf16_saved_shapes"] and (BATCH * SEQ, D_IN) not in r["bf16_saved_shapes"]
 
 
 def test_patching_after_fully_shard_is_refused(ranks):

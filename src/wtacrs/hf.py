@@ -11,7 +11,7 @@ from .patch import EXAMPLE_IDS_KEY
 
 
 class ExampleIdCollator:
-    """Wrap a data collator so that each batch carries its examples' ids to ``apply_wtacrs(grad_cache=...)``.
+    """Wrap a data collator so that each batch carries its examples' ids to ``apply_wtacrs(probs=GradNormCache(...))``.
 
     Each feature must hold an integer under ``id_key`` (default ``"example_id"``); the key is removed before
     the wrapped collator runs and the ids reach the model as ``batch[EXAMPLE_IDS_KEY]``, which the patched
@@ -19,7 +19,7 @@ class ExampleIdCollator:
     ``TrainingArguments(remove_unused_columns=False)`` so that the id column reaches the collator::
 
         cache = wtacrs.GradNormCache(capacity=len(train_set), max_length=128)
-        wtacrs.apply_wtacrs(model, grad_cache=cache)
+        wtacrs.apply_wtacrs(model, probs=cache)
         trainer = Trainer(model, args, train_dataset=train_set,
                           data_collator=ExampleIdCollator(DataCollatorWithPadding(tokenizer)))
     """

@@ -78,5 +78,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"{budget:>6}  {method:<8} {nbytes:>12,} {100.0 * nbytes / exact_bytes:>9.1f}% "
                   f"{rel_err:>10.4f} {rel_err_mean:>18.4f}")
     print("rel. error = sqrt(E||G_hat - G||^2) / ||G||; bytes kept = what autograd saves for backward "
-          "(kept rows, int32 indices, fp32 scales; the weight excluded)")
+          "(kept rows, int64 indices, fp32 scales; the weight excluded)")
     return 0

@@ -70,26 +70,31 @@ def _dropout_kernel_is_fused(x: Tensor) -> bool:
     return x.device.type in ("cuda", "xpu", "lazy", "privateuseone")
 
 
+def _dropout_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``F.dropout(x, p)`` in training, drawn exactly as ATen draws it on ``x``'s device, as ``(out, packed
+    keep-mask, kept value)``: ``out = x * unpack(mask) * value``."""
+    if _dropout_kernel_is_fused(x):
+        out, keep = torch.native_dropout(x, p, True)
+        value = torch.full((), 1.0 / (1.0 - p), device=x.device)
+    else:
+        # ATen's CPU path (_dropout): noise = bernoulli(1 - p) / (1 - p); out = x * noise.
+        noise = torch.empty_like(x).bernoulli_(1.0 - p)  # empty_like keeps x's strides, as ATen's does
+        noise.div_(1.0 - p)
+        out = x * noise
+        keep = noise != 0
+        # The kept value of noise, bit for bit as div_ rounded it.
+        value = torch.ones((), dtype=x.dtype).div_(1.0 - p)
+    return out, pack_bits(keep), value
+
+
 class _CompactDropoutFunction(torch.autograd.Function):
-    """Returns ``(out, packed keep-mask, kept value)``: ``out = x * unpack(mask) * value`` (the value as dropout
-    computed it); the last two need no gradient and let an op that needs ``out`` keep ``x`` instead."""
+    """Returns ``(out, packed keep-mask, kept value)`` of ``_dropout_parts``; the last two need no gradient and let
+    an op that needs ``out`` keep ``x`` instead."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p: float):
-        if _dropout_kernel_is_fused(x):
-            out, keep = torch.native_dropout(x, p, True)
-            value = torch.full((), 1.0 / (1.0 - p), device=x.device)
-            ctx.scale = 1.0 / (1.0 - p)
-        else:
-            # ATen's CPU path (_dropout): noise = bernoulli(1 - p) / (1 - p); out = x * noise.
-            noise = torch.empty_like(x).bernoulli_(1.0 - p)  # empty_like keeps x's strides, as ATen's does
-            noise.div_(1.0 - p)
-            out = x * noise
-            keep = noise != 0
-            # The kept value of noise, bit for bit as div_ rounded it.
-            value = torch.ones((), dtype=x.dtype).div_(1.0 - p)
-            ctx.scale = None
-        packed = pack_bits(keep)
+        out, packed, value = _dropout_parts(x, p)
+        ctx.scale = 1.0 / (1.0 - p) if _dropout_kernel_is_fused(x) else None
         ctx.mark_non_differentiable(packed, value)
         ctx.save_for_backward(packed, value)
         return out, packed, value
@@ -136,10 +141,12 @@ def compact_dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: b
 def dropout_with_mask(x: Tensor, p: float, training: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``compact_dropout`` with its packed mask and kept value, ``(out, packed, value)``, so that an op needing
     ``out`` for backward can keep ``x`` and rebuild ``out`` (``rebuild_dropout``); ``(F.dropout(...), None, None)``
-    where no mask is drawn."""
+    where no mask is drawn. The mask is made even when ``x`` needs no gradient (the op reading ``out`` may)."""
     _check_p(p)
-    if not training or p == 0.0 or p == 1.0 or x.numel() == 0 or not (torch.is_grad_enabled() and x.requires_grad):
+    if not training or p == 0.0 or p == 1.0 or x.numel() == 0:
         return F.dropout(x, p, training), None, None
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _dropout_parts(x, float(p))
     return _CompactDropoutFunction.apply(x, float(p))
 
 

@@ -25,11 +25,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [pytest.param(family, preset, id=f"{family}-{preset}") for family in FAMILIES for preset in ("full", "lora")]
 LOSSES = [pytest.param(False, id="loss-ignores-padding"), pytest.param(True, id="loss-reads-padding")]
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+#: Families whose attention class transformers 4 chooses when the model is built (SDPA by default), so that
+#: attention sampling needs them built eager there (test_errors.py checks the error otherwise).
+EAGER_AT_BUILD = {"bert", "roberta", "distilbert"} if int(transformers.__version__.split(".")[0]) < 5 else set()
 
 
 def build(family: str, preset: str, **from_config) -> nn.Module:
     return (tiny_model if preset == "full" else tiny_lora_model)(family, **from_config)
+
+
+def build_for_attention_sampling(family: str, preset: str) -> nn.Module:
+    return build(family, preset, **({"attn_implementation": "eager"} if family in EAGER_AT_BUILD else {}))
 
 
 def sampled_layers(model: nn.Module) -> list[nn.Module]:
@@ -74,12 +80,10 @@ def test_outputs_unchanged_and_every_trainable_parameter_gets_a_gradient(family,
 
 @pytest.mark.parametrize("family,preset", CASES)
 def test_outputs_unchanged_with_attention_sampling(family, preset):
-    """The model is switched to eager attention, so it is compared with a stock model built eager; on
-    transformers 4, where some families choose their attention class when the model is built, both are built
-    eager (test_errors.py checks the error for a model that cannot switch)."""
+    """The model is switched to eager attention, so it is compared with a stock model built eager."""
     batch = tiny_batch(family, padded=True, loss_on_padding=True)
     stock = build(family, preset, attn_implementation="eager")
-    model = build(family, preset) if TRANSFORMERS_5 else copy.deepcopy(stock)
+    model = build_for_attention_sampling(family, preset)
     reference = stock(**batch)
     wtacrs.apply_wtacrs(model, budget=0.3, sample_attention=True)
     out = model(**batch)
@@ -110,8 +114,7 @@ def test_saved_bytes_below_stock_and_falling_with_the_budget(family, preset, cap
 @pytest.mark.parametrize("family,preset", CASES)
 def test_remove_restores_modules_forwards_state_and_attention(family, preset, sample_attention):
     batch = tiny_batch(family, padded=True, loss_on_padding=True)
-    model = build(family, preset, **({} if TRANSFORMERS_5 or not sample_attention else
-                                     {"attn_implementation": "eager"}))
+    model = build_for_attention_sampling(family, preset) if sample_attention else build(family, preset)
     types, funcs = module_types(model), forwards(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     attn = model.config._attn_implementation
@@ -151,7 +154,7 @@ def test_remove_from_an_unpatched_model_is_an_error():
 
 @pytest.mark.parametrize("family,preset", [("qwen3", "lora"), ("distilbert", "full"), ("t5v1.1", "full")])
 def test_apply_twice_with_the_same_settings_does_nothing(family, preset):
-    model = build(family, preset)
+    model = build_for_attention_sampling(family, preset)
     wtacrs.apply_wtacrs(model, budget=0.3, sample_attention=True)
     layers, funcs, report = sampled_layers(model), forwards(model), wtacrs.describe(model)
     assert wtacrs.apply_wtacrs(model, budget=0.3, sample_attention=True) is model

@@ -318,11 +318,18 @@ def patch_attention(
     modules = [m for _, m in attention_modules(model)]
     if not modules:
         raise ValueError(f"no attention module (class name ending in 'Attention') found in {type(model).__name__}")
-    unreachable = [type(m).__name__ for m in modules if not calls_any(type(m).forward, {"matmul"})]
+    unreachable = [m for m in modules if not calls_any(type(m).forward, {"matmul"})]
     if unreachable:
+        implementation = _attn_implementation(unreachable[0])
+        hint = ""
+        if implementation != "eager":  # transformers 4 picks SDPA/flash attention classes when the model is built
+            import transformers
+
+            hint = (f"; transformers {transformers.__version__} chose this {implementation} attention class when the "
+                    "model was built: load the model with attn_implementation='eager'")
         raise ValueError(
-            f"attention sampling cannot reach the attention matmuls of {unreachable[0]}: its forward calls neither "
-            "torch.matmul nor an eager_attention_forward function that does"
+            f"attention sampling cannot reach the attention matmuls of {type(unreachable[0]).__name__}: its forward "
+            f"calls neither torch.matmul nor an eager_attention_forward function that does{hint}"
         )
     owner, previous = _ensure_eager(model, modules)
     functions = AttentionFunctions(budget, method, min_rows, compact_dropout, generator, health)

@@ -3,15 +3,18 @@ fused steps around them (ReLU that also packs its mask; a gradient passed throug
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import use_triton
+from .dispatch import TRITON_FLOATS, use_triton
 
 
 def pack_bits(mask: Tensor) -> Tensor:
-    """Pack a bool tensor into uint8, 8 elements per byte (element ``8*i + j`` is bit ``j`` of byte ``i``).
+    """Pack a bool tensor into uint8, 8 elements per byte (element ``8*i + j`` of ``mask.reshape(-1)`` is bit ``j``
+    of byte ``i``). A tensor of 0s and 1s of another dtype packs the same way.
 
     The last byte is zero-padded; ``unpack_bits(pack_bits(m), m.numel()).view(m.shape)`` equals ``m``.
     """
@@ -44,37 +47,47 @@ def unpack_bits(packed: Tensor, numel: int) -> Tensor:
 
 
 def unpack_bits_reference(packed: Tensor, numel: int) -> Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+    return ((packed.unsqueeze(1) >> _shifts(packed.device)) & 1).view(-1)[:numel].bool()
 
 
-def relu_with_mask(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(torch.relu(x), pack_bits(~(relu(x) <= 0)))``: the output and the packed mask of where its gradient passes
-    (``threshold_backward`` passes it where the output is not ``<= 0``, NaN included)."""
+@functools.lru_cache(maxsize=8)
+def _shifts(device: torch.device) -> Tensor:
+    """``arange(8)`` as uint8 on ``device``, made once."""
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+def relu_with_mask(x: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
+    """``(torch.relu(x), pack_bits(~(relu(x) <= 0)))`` (``torch.relu_`` with ``inplace``): the output and the packed
+    mask of where its gradient passes (``threshold_backward`` passes it where the output is not ``<= 0``, NaN
+    included)."""
     if use_triton(x):
         from .bits_triton import relu_with_mask_triton
 
-        return relu_with_mask_triton(x)
-    return relu_with_mask_reference(x)
+        return relu_with_mask_triton(x, inplace)
+    return relu_with_mask_reference(x, inplace)
 
 
-def relu_with_mask_reference(x: Tensor) -> tuple[Tensor, Tensor]:
-    out = torch.relu(x)
+def relu_with_mask_reference(x: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
+    out = torch.relu_(x) if inplace else torch.relu(x)
     return out, pack_bits_reference(~(out <= 0))
 
 
-def masked_grad(grad: Tensor, packed: Tensor, scale: float | None = None) -> Tensor:
-    """The gradient through a packed mask ``m``: ``where(m, grad, 0)`` (ReLU) when ``scale`` is None, else
-    ``grad * m * scale`` as ``native_dropout_backward`` computes it (in float32 for half-precision ``grad``)."""
-    if use_triton(grad, packed):
+def masked_grad(grad: Tensor, packed: Tensor, scale: float | Tensor | None = None) -> Tensor:
+    """The gradient through a packed mask ``m``: ``where(m, grad, 0)`` (ReLU) when ``scale`` is None; ``grad * m *
+    scale`` as ``native_dropout_backward`` computes it (in float32 for half-precision ``grad``) for a number; and
+    ``grad * (m * scale)`` in ``grad``'s dtype for a 0-d tensor ``scale`` (CPU dropout's backward, ``grad *
+    noise``)."""
+    if grad.dtype in TRITON_FLOATS and use_triton(grad, packed):
         from .bits_triton import masked_grad_triton
 
         return masked_grad_triton(grad, packed, scale)
     return masked_grad_reference(grad, packed, scale)
 
 
-def masked_grad_reference(grad: Tensor, packed: Tensor, scale: float | None = None) -> Tensor:
+def masked_grad_reference(grad: Tensor, packed: Tensor, scale: float | Tensor | None = None) -> Tensor:
     mask = unpack_bits_reference(packed, grad.numel()).view(grad.shape)
     if scale is None:
         return torch.where(mask, grad, 0.0)
+    if isinstance(scale, Tensor):
+        return grad * (mask.to(grad.dtype) * scale)
     return torch.ops.aten.native_dropout_backward(grad, mask, scale)

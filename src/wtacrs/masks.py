@@ -30,11 +30,13 @@ and dropout inside fused kernels such as SDPA (which saves no mask on GPU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import masked_grad, pack_bits, relu_with_mask, unpack_bits
+from .kernels import masked_grad, pack_bits, relu_with_mask
 from .rebind import Replacements, calls_any, set_forward
 
 __all__ = [
@@ -51,11 +53,9 @@ __all__ = [
 class _CompactReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, inplace: bool) -> Tensor:
+        out, packed = relu_with_mask(x, inplace)
         if inplace:
-            out, packed = torch.relu_(x), pack_bits(~(x <= 0))
             ctx.mark_dirty(x)
-        else:
-            out, packed = relu_with_mask(x)
         ctx.save_for_backward(packed)
         return out
 
@@ -75,16 +75,18 @@ def _dropout_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
     keep-mask, kept value)``: ``out = x * unpack(mask) * value``."""
     if _dropout_kernel_is_fused(x):
         out, keep = torch.native_dropout(x, p, True)
-        value = torch.full((), 1.0 / (1.0 - p), device=x.device)
-    else:
-        # ATen's CPU path (_dropout): noise = bernoulli(1 - p) / (1 - p); out = x * noise.
-        noise = torch.empty_like(x).bernoulli_(1.0 - p)  # empty_like keeps x's strides, as ATen's does
-        noise.div_(1.0 - p)
-        out = x * noise
-        keep = noise != 0
-        # The kept value of noise, bit for bit as div_ rounded it.
-        value = torch.ones((), dtype=x.dtype).div_(1.0 - p)
-    return out, pack_bits(keep), value
+        return out, pack_bits(keep), _kept_value(p, torch.float32, x.device)
+    # ATen's CPU path (_dropout): noise = bernoulli(1 - p) / (1 - p); out = x * noise.
+    noise = torch.empty_like(x).bernoulli_(1.0 - p)  # empty_like keeps x's strides, as ATen's does
+    packed = pack_bits(noise)  # 0s and 1s yet
+    noise.div_(1.0 - p)
+    return x * noise, packed, _kept_value(p, x.dtype, x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_value(p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``1 / (1 - p)`` as a 0-d tensor, rounded as dropout's ``div_`` rounds it in ``dtype`` (made once)."""
+    return torch.ones((), dtype=dtype, device=device).div_(1.0 - p)
 
 
 class _CompactDropoutFunction(torch.autograd.Function):
@@ -96,21 +98,22 @@ class _CompactDropoutFunction(torch.autograd.Function):
         out, packed, value = _dropout_parts(x, p)
         ctx.scale = 1.0 / (1.0 - p) if _dropout_kernel_is_fused(x) else None
         ctx.mark_non_differentiable(packed, value)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the mask and value
         ctx.save_for_backward(packed, value)
         return out, packed, value
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_packed, _grad_value):
+    def backward(ctx, grad_out: Tensor | None, _grad_packed, _grad_value):
+        if grad_out is None:
+            return None, None
         packed, value = ctx.saved_tensors
-        if ctx.scale is not None:
-            return masked_grad(grad_out, packed, ctx.scale), None
-        keep = unpack_bits(packed, grad_out.numel()).view(grad_out.shape)
-        return grad_out * (keep.to(grad_out.dtype) * value), None
+        # native_dropout_backward's arithmetic where the mask came from native_dropout; else grad * noise.
+        return masked_grad(grad_out, packed, value if ctx.scale is None else ctx.scale), None
 
 
 def rebuild_dropout(x: Tensor, packed: Tensor, value: Tensor) -> Tensor:
     """``compact_dropout``'s output from its input, packed mask and kept value (bit-identical on CPU)."""
-    return x * (unpack_bits(packed, x.numel()).view(x.shape).to(x.dtype) * value)
+    return masked_grad(x, packed, value)
 
 
 def compact_relu(x: Tensor, inplace: bool = False) -> Tensor:

@@ -73,10 +73,10 @@ def relu_with_mask_reference(x: Tensor, inplace: bool = False) -> tuple[Tensor, 
 
 
 def masked_grad(grad: Tensor, packed: Tensor, scale: float | Tensor | None = None) -> Tensor:
-    """The gradient through a packed mask ``m``: ``where(m, grad, 0)`` (ReLU) when ``scale`` is None; ``grad * m *
-    scale`` as ``native_dropout_backward`` computes it (in float32 for half-precision ``grad``) for a number; and
-    ``grad * (m * scale)`` in ``grad``'s dtype for a 0-d tensor ``scale`` (CPU dropout's backward, ``grad *
-    noise``)."""
+    """The gradient through a packed mask ``m``: ``where(m, grad, 0)`` (ReLU) when ``scale`` is None, else ``grad * m
+    * scale`` as ``native_dropout_backward`` computes it: in float32 for half-precision ``grad``, rounded once.
+    ``scale`` is a number, or a 0-d tensor (read in its own dtype: CPU dropout's ``grad * noise`` when it holds the
+    noise's kept value)."""
     if grad.dtype in TRITON_FLOATS and use_triton(grad, packed):
         from .bits_triton import masked_grad_triton
 
@@ -88,6 +88,8 @@ def masked_grad_reference(grad: Tensor, packed: Tensor, scale: float | Tensor | 
     mask = unpack_bits_reference(packed, grad.numel()).view(grad.shape)
     if scale is None:
         return torch.where(mask, grad, 0.0)
-    if isinstance(scale, Tensor):
-        return grad * (mask.to(grad.dtype) * scale)
-    return torch.ops.aten.native_dropout_backward(grad, mask, scale)
+    if not isinstance(scale, Tensor):
+        return torch.ops.aten.native_dropout_backward(grad, mask, scale)
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        return (grad.float() * mask * scale).to(grad.dtype)
+    return grad * mask * scale

@@ -25,11 +25,11 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     gc = "gc" in features
     base_arm = "+".join(f for f in features if f != "gc")
     attn = "eager" if "attn" in features else args.attn
-    model, family = build_model(args.model, args.num_layers, attn=attn)
-    model = prepare_arm(model.to(args.device), family, base_arm, args.budget)
+    model, kind = build_model(args.model, args.num_layers, attn=attn)
+    model = prepare_arm(model.to(args.device), base_arm, args.budget)
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    inputs = make_inputs(family, model.config, args.batch_size, args.seq_len, args.target_len, args.device)
+    inputs = make_inputs(kind, model.config, args.batch_size, args.seq_len, args.target_len, args.device)
     by_kind = saved_by_kind(model, inputs).by_kind() if not gc else None  # checkpointed graphs hide their saves
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cuda = args.device.startswith("cuda")

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..memory import SavedTensors
 from ..ops import sampled_linear
-from ..sampling import METHODS
+from ..sampling import METHODS, check_budget
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,13 @@ def _one_step(x: Tensor, weight: Tensor, grad_out: Tensor, budget: float, method
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("rows", "features", "trials"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if not args.tail > 0:
+        raise ValueError(f"--tail (Pareto index) must be > 0; got {args.tail}")
+    for budget in args.budget:
+        check_budget(budget)
     gen = torch.Generator().manual_seed(args.seed)
     n, d = args.rows, args.features
     x = heavy_tailed_rows(n, d, args.tail, gen)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..memory import KINDS, SavedReport, saved_by_kind
 
-#: Config names built with random initialisation (no download): (family, config keyword arguments).
+#: Config names built with random initialisation (no download): (model type, config keyword arguments).
 CONFIGS: dict[str, tuple[str, dict]] = {
     "t5-small": ("t5", dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)),
     "t5-base": ("t5", dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)),
@@ -29,13 +29,22 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                                tie_word_embeddings=True)),
 }
 
-#: The paper's LoRA targets per family (q/k/v).
-LORA_TARGETS = {"t5": ["q", "k", "v"], "bert": ["query", "key", "value"], "opt": ["q_proj", "k_proj", "v_proj"],
-                "gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj"]}
-
 ARM_FEATURES = ("wta", "masks", "attn")
 DEFAULT_ARMS = ("full", "full+wta", "full+wta+masks", "full+wta+masks+attn",
                 "lora", "lora+wta", "lora+wta+masks", "lora+wta+masks+attn")
+
+#: Task heads, chosen from the model's structure: encoder-decoders get their LM head (labels: target tokens),
+#: encoders (model types with a masked-LM head and no decoder) a two-class classifier (the usual fine-tuning),
+#: everything else its causal LM head (labels: the input tokens).
+SEQ2SEQ, CLASSIFIER, CAUSAL = "seq2seq", "classifier", "causal"
+_AUTO_CLASSES = {SEQ2SEQ: "AutoModelForSeq2SeqLM", CLASSIFIER: "AutoModelForSequenceClassification",
+                 CAUSAL: "AutoModelForCausalLM"}
+#: Token ids below this are special in most vocabularies (pad, bos, eos); inputs are drawn above it.
+_FIRST_TOKEN = 3
+
+
+class MemoryReportError(ValueError):
+    """A model, option or arm that ``wtacrs memory`` cannot measure; the message says why."""
 
 
 def parse_arm(arm: str) -> tuple[str, frozenset[str]]:
@@ -43,20 +52,61 @@ def parse_arm(arm: str) -> tuple[str, frozenset[str]]:
     masks (compact ReLU/dropout), attn (attention sampling)."""
     base, *features = arm.split("+")
     if base not in ("full", "lora") or not set(features) <= set(ARM_FEATURES) or len(set(features)) != len(features):
-        raise ValueError(
+        raise MemoryReportError(
             f"arm must be 'full' or 'lora' followed by any of {', '.join('+' + f for f in ARM_FEATURES)}; got {arm!r}"
         )
     return base, frozenset(features)
 
 
-def _family_of(config) -> str:
-    model_type = getattr(config, "model_type", "")
-    for family in ("t5", "bert", "opt", "gpt2", "llama"):
-        if model_type == family or (family == "llama" and model_type in ("mistral", "qwen2", "qwen3")):
-            return family
-    if model_type == "roberta":
-        return "bert"
-    raise ValueError(f"model type {model_type!r} is not supported by wtacrs memory; use t5, bert, opt, gpt2 or llama")
+def task_kind(config) -> str:
+    """``SEQ2SEQ``, ``CLASSIFIER`` or ``CAUSAL`` for a transformers config (see ``_AUTO_CLASSES``)."""
+    from transformers.models.auto import modeling_auto
+
+    if getattr(config, "is_encoder_decoder", False):
+        return SEQ2SEQ
+    if config.model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return CLASSIFIER
+    return CAUSAL
+
+
+def _load_config(name_or_path: str):
+    import transformers
+
+    if os.path.isdir(name_or_path):
+        try:
+            return transformers.AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError, KeyError) as e:
+            raise MemoryReportError(f"cannot read a Hugging Face config from {name_or_path!r}: "
+                                    f"{str(e).splitlines()[0]}") from None
+    if name_or_path in CONFIGS:
+        family, kwargs = CONFIGS[name_or_path]
+        return transformers.AutoConfig.for_model(family, **kwargs)
+    raise MemoryReportError(
+        f"MODEL_OR_CONFIG must be a local model folder or one of {', '.join(CONFIGS)}; got {name_or_path!r}"
+    )
+
+
+def _override(config, num_layers: int | None, dropout: float, vocab_size: int | None) -> None:
+    """Set every dropout probability of ``config`` to ``dropout`` and, if given, the depth of each stack and the
+    vocabulary size, whatever the family calls them."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and (key.endswith(("dropout", "dropout_prob", "dropout_rate", "pdrop"))):
+            setattr(config, key, dropout)
+    if num_layers is not None:
+        if num_layers < 1:
+            raise MemoryReportError(f"--num-layers must be >= 1; got {num_layers}")
+        config.num_hidden_layers = num_layers  # each config maps this name to its own (n_layer, num_layers, ...)
+        for key in ("num_decoder_layers", "decoder_layers", "encoder_layers"):
+            if isinstance(getattr(config, key, None), int):
+                setattr(config, key, num_layers)
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:num_layers]
+    if vocab_size is not None:
+        if vocab_size <= _FIRST_TOKEN:
+            raise MemoryReportError(f"--vocab-size must be > {_FIRST_TOKEN}; got {vocab_size}")
+        config.vocab_size = vocab_size
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = getattr(config, "pad_token_id", None) or 0
 
 
 def build_model(
@@ -64,68 +114,48 @@ def build_model(
     vocab_size: int | None = None,
 ) -> tuple[nn.Module, str]:
     """A model for ``name_or_path``: a local Hugging Face folder (its weights if present) or a name in
-    ``CONFIGS`` built from its config class with random initialisation (seed 0), with dropout set to ``dropout``
-    and optionally fewer layers or a smaller vocabulary. Returns (model, family)."""
+    ``CONFIGS`` built with random initialisation (seed 0), with dropout set to ``dropout`` and optionally fewer
+    layers or a smaller vocabulary. Returns (model in training mode, task kind)."""
     import transformers
 
-    torch.manual_seed(0)
-    if os.path.isdir(name_or_path):
-        config = transformers.AutoConfig.from_pretrained(name_or_path)
-        family = _family_of(config)
-    elif name_or_path in CONFIGS:
-        family, kwargs = CONFIGS[name_or_path]
-        config_cls = {"t5": transformers.T5Config, "bert": transformers.BertConfig, "opt": transformers.OPTConfig,
-                      "gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig}[family]
-        config = config_cls(**kwargs)
-    else:
-        raise ValueError(
-            f"MODEL_OR_CONFIG must be a local model folder or one of {', '.join(CONFIGS)}; got {name_or_path!r}"
-        )
-    overrides = {
-        "t5": dict(dropout_rate=dropout, decoder_start_token_id=0, pad_token_id=0),
-        "bert": dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout),
-        "opt": dict(dropout=dropout, attention_dropout=dropout),
-        "gpt2": dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout),
-        "llama": dict(attention_dropout=dropout),
-    }[family]
-    if num_layers is not None:
-        key = {"t5": "num_layers", "gpt2": "n_layer"}.get(family, "num_hidden_layers")
-        overrides[key] = num_layers
-        if family == "t5":
-            overrides["num_decoder_layers"] = num_layers
-    if vocab_size is not None:
-        overrides["vocab_size"] = vocab_size
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    model_cls = {"t5": transformers.T5ForConditionalGeneration, "bert": transformers.BertForSequenceClassification,
-                 "opt": transformers.OPTForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
-                 "llama": transformers.LlamaForCausalLM}[family]
+    config = _load_config(name_or_path)
+    _override(config, num_layers, dropout, vocab_size)
+    kind = task_kind(config)
+    auto = getattr(transformers, _AUTO_CLASSES[kind])
+    if kind == CLASSIFIER:
+        config.num_labels = 2
     has_weights = os.path.isdir(name_or_path) and any(
         f.endswith((".safetensors", ".bin")) for f in os.listdir(name_or_path))
-    if has_weights:
-        model = model_cls.from_pretrained(name_or_path, config=config, attn_implementation=attn)
-    else:
-        config._attn_implementation = attn
-        model = model_cls(config)
-    return model.train(), family
+    torch.manual_seed(0)
+    try:
+        if has_weights:
+            model = auto.from_pretrained(name_or_path, config=config, attn_implementation=attn)
+        else:
+            model = auto.from_config(config, attn_implementation=attn)
+    except ValueError as e:  # no such head for this model type, or an attention implementation it lacks
+        raise MemoryReportError(f"cannot build {name_or_path!r} ({config.model_type}) with "
+                                f"{_AUTO_CLASSES[kind]}: {str(e).splitlines()[0]}") from None
+    return model.train(), kind
 
 
-def make_inputs(family: str, config, batch_size: int, seq_len: int, target_len: int, device) -> dict[str, Tensor]:
+def make_inputs(kind: str, config, batch_size: int, seq_len: int, target_len: int, device) -> dict[str, Tensor]:
+    """Random token ids (no padding) and labels for the head of ``kind``."""
     g = torch.Generator().manual_seed(1)
     vocab = config.vocab_size
-    ids = torch.randint(2, vocab, (batch_size, seq_len), generator=g)
+    ids = torch.randint(_FIRST_TOKEN, vocab, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if family == "t5":
-        batch["labels"] = torch.randint(2, vocab, (batch_size, target_len), generator=g)
-    elif family == "bert":
+    if kind == SEQ2SEQ:
+        batch["labels"] = torch.randint(_FIRST_TOKEN, vocab, (batch_size, target_len), generator=g)
+    elif kind == CLASSIFIER:
         batch["labels"] = torch.randint(0, 2, (batch_size,), generator=g)
     else:
         batch["labels"] = ids.clone()
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def prepare_arm(model: nn.Module, family: str, arm: str, budget: float) -> nn.Module:
-    """Apply an arm to a fresh model in place (LoRA r=32, alpha=32, dropout 0.1, biases trained, as the paper).
+def prepare_arm(model: nn.Module, arm: str, budget: float) -> nn.Module:
+    """Apply an arm to a fresh model in place (LoRA r=32, alpha=32, dropout 0.1, biases trained, as the paper,
+    on the query/key/value projections of every attention module: ``wtacrs.targets.attention_input_projections``).
 
     Arms with ``wta`` go through ``apply_wtacrs`` (masks and attention sampling as its options, attention at the
     same budget); the others call ``wtacrs.masks`` / ``wtacrs.attention`` directly.
@@ -134,8 +164,17 @@ def prepare_arm(model: nn.Module, family: str, arm: str, budget: float) -> nn.Mo
     if base == "lora":
         import peft
 
+        from ..targets import attention_input_projections
+
+        targets = attention_input_projections(model)
+        if not targets:
+            raise MemoryReportError(
+                f"found no attention query/key/value projections in {type(model).__name__} for the LoRA arms "
+                "(blocks with a module whose class name contains 'Attention'); measure the full arms only"
+            )
+        conv1d = any(not isinstance(model.get_submodule(name), nn.Linear) for name in targets)  # GPT-2 style
         model = peft.get_peft_model(model, peft.LoraConfig(
-            r=32, lora_alpha=32, lora_dropout=0.1, bias="all", target_modules=LORA_TARGETS[family]))
+            r=32, lora_alpha=32, lora_dropout=0.1, bias="all", target_modules=targets, fan_in_fan_out=conv1d))
     if "wta" in features:
         from ..patch import apply_wtacrs
 
@@ -158,15 +197,29 @@ def measure_arms(
     budget: float = 0.3, num_layers: int | None = None, attn: str = "eager",
     device: str = "cpu", vocab_size: int | None = None,
 ) -> dict[str, SavedReport]:
-    """``saved_by_kind`` of one forward for each arm, each on a fresh copy of the same random-init model."""
+    """``saved_by_kind`` of one forward for each arm, each on a fresh copy of the same random-init model.
+
+    Every option is checked before a model is built."""
+    from ..sampling import check_budget
+
     arms = list(arms)
     for arm in arms:
         parse_arm(arm)
+    for name, value in (("batch-size", batch_size), ("seq-len", seq_len), ("target-len", target_len)):
+        if value < 1:
+            raise MemoryReportError(f"--{name} must be >= 1; got {value}")
+    check_budget(budget)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise MemoryReportError(f"--device {device!r} is not a device: {str(e).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MemoryReportError(f"--device {device} asks for CUDA, which this machine's PyTorch does not have")
     reports = {}
     for arm in arms:
-        model, family = build_model(name_or_path, num_layers, attn, vocab_size=vocab_size)
-        model = prepare_arm(model.to(device), family, arm, budget)
-        inputs = make_inputs(family, model.config, batch_size, seq_len, target_len, device)
+        model, kind = build_model(name_or_path, num_layers, attn, vocab_size=vocab_size)
+        model = prepare_arm(model.to(device), arm, budget)
+        inputs = make_inputs(kind, model.config, batch_size, seq_len, target_len, device)
         torch.manual_seed(2)
         reports[arm] = saved_by_kind(model, inputs)
         del model
@@ -194,7 +247,8 @@ def format_reports(reports: Mapping[str, SavedReport]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_OR_CONFIG",
-                        help=f"a local Hugging Face model folder, or one of: {', '.join(CONFIGS)} (random init)")
+                        help="a local Hugging Face model folder (any family; random init when it holds no weights), "
+                             f"or one of: {', '.join(CONFIGS)} (random init)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--target-len", type=int, default=4, help="decoder length for encoder-decoder models")
@@ -211,9 +265,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("batch_size", "seq_len", "target_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise MemoryReportError(f"--json {args.json}: the folder it would be written to does not exist")
     reports = measure_arms(
         args.model, args.arms, args.batch_size, args.seq_len, target_len=args.target_len, budget=args.budget,
         num_layers=args.num_layers, attn=args.attn, device=args.device,

@@ -91,7 +91,28 @@ def sum_rounding(abs_terms: Tensor, terms: int, dtype: torch.dtype) -> Tensor:
     more than the terms for the products and the scales."""
     u = torch.finfo(dtype).eps / 2
     n = terms + 2
+    if n * u >= 1:
+        raise ValueError(f"no rounding bound for a sum of {terms} terms in {dtype}: accumulate in a wider dtype")
     return abs_terms.double() * (n * u / (1 - n * u))
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:
+    """|actual - expected| <= bound entrywise (bound: twice one side's rounding, as both sides round)."""
+    excess = (actual.double() - expected.double()).abs() - 2 * bound
+    assert float(excess.max()) <= 0, f"off by {float(excess.max()):.3g} beyond the rounding bound"
+
+
+#: CPU kernels accumulate half-precision products and sums in float32 and round the result once.
+ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def product_bound(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rounding bound of ``a @ b`` computed in ``dtype``: the sum's error in the accumulation dtype, plus the
+    final rounding to ``dtype`` for half precision."""
+    a, b = a.detach().double(), b.detach().double()
+    acc = ACCUMULATE.get(dtype, dtype)
+    final = torch.finfo(dtype).eps / 2 if acc != dtype else 0.0
+    return sum_rounding(a.abs() @ b.abs(), a.shape[-1], acc) + final * (a @ b).abs()
 
 
 @dataclass
@@ -162,6 +183,7 @@ def check_unbiased(
     *,
     name: str,
     rounding: Tensor | float = 0.0,
+    directions: Callable[[Tensor], dict[str, Tensor]] | None = None,
     pilot: int = 100,
     min_draws: int = 300,
     max_draws: int = 20_000,
@@ -172,19 +194,25 @@ def check_unbiased(
 
     ``branches`` maps a branch name to its expected contribution (shaped like ``exact``); a fault that rescales that
     branch by 1.05 must be detected. ``rounding`` (a scalar or a tensor like ``exact``) bounds the floating-point
-    error of an entry; entries whose draws spread no wider than it are checked as exact.
+    error of an entry; entries whose draws spread no wider than it are checked as exact. ``directions``, given the
+    pilot's deviations from ``exact`` ((pilot, entries)), may return each branch's projection instead of the
+    default ``C / var`` (a sharper one where the caller knows the estimator's structure).
     """
     exact = exact.double().reshape(-1)
     rounding = torch.as_tensor(rounding, dtype=torch.float64).reshape(-1).expand(exact.shape)
     contributions = {b: c.double().reshape(-1) for b, c in branches.items()}
 
-    # Pilot: how much each entry varies, hence each branch's projection and the spread of that projection.
+    # Pilot: its first half says how much each entry varies, hence each branch's projection; its second half
+    # measures the spread of those projections (on draws they were not fitted to).
     pilot_draws = sample(pilot).double().reshape(pilot, -1) - exact
-    pilot_var = pilot_draws.var(0)
+    fit, pilot_draws = pilot_draws[: pilot // 2], pilot_draws[pilot // 2:]
+    pilot_var = fit.var(0)
     random = pilot_var.sqrt() > rounding
+    chosen = {} if directions is None else directions(fit)
     directions = {}
     for b, c in contributions.items():
-        w = torch.where(random, c / pilot_var.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        w = chosen[b].double().reshape(-1) if b in chosen else torch.where(
+            random, c / pilot_var.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         signal = float(w @ c)
         if signal > 0 and math.isfinite(signal):
             directions[b] = w / signal  # normalised: a relative bias r of the branch moves E[u] by r
@@ -193,16 +221,24 @@ def check_unbiased(
     # Draws needed, from each projection's spread in the pilot at its upper 99% confidence bound.
     needed = min_draws
     for w in directions.values():
-        sd = float((pilot_draws @ w).std()) * (1 + z_power / math.sqrt(2 * (pilot - 1)))
+        sd = float((pilot_draws @ w).std()) * (1 + z_power / math.sqrt(2 * (len(pilot_draws) - 1)))
         needed = max(needed, math.ceil(((limit_branches + z_power) * sd / BIAS) ** 2))
     assert needed <= max_draws, (
         f"{name}: detecting a {BIAS:.0%} bias in every branch would need {needed} draws (more than {max_draws})"
     )
-    del pilot_draws
+    del fit, pilot_draws
 
     main = _Moments(exact, directions)
-    while main.n < needed:
-        main.add(sample(min(chunk, needed - main.n)))
+    while True:
+        while main.n < needed:
+            main.add(sample(min(chunk, needed - main.n)))
+        # Where the pilot underestimated a spread (heavy tails), more draws, sized from the spread measured so far
+        # (a rule that looks at the spreads only, not at the means, keeps the false-alarm rate).
+        spread = max((float(main.projections(b).std()) for b in directions), default=0.0)
+        more = math.ceil(((limit_branches + z_power) * spread / BIAS) ** 2 * 1.1)
+        if more <= main.n or more > max_draws:
+            break
+        needed = more
     n = main.n
     mean, var = main.mean(), main.var()
     varies = var.sqrt() > rounding
@@ -225,6 +261,72 @@ def check_unbiased(
     assert verdict.unbiased, f"biased: {verdict.line()}"
     assert all(v <= BIAS for v in verdict.detectable.values()), f"underpowered: {verdict.line()}"
     return verdict
+
+
+@dataclass
+class RowTerms:
+    """The row terms of one sampled product inside a flat draw: an estimate ``G = sum_i c_i T_i`` of
+    ``sum_i T_i`` (``T_i = outer(dy_i, x_i)`` for a linear layer's weight gradient), unbiased iff ``E[c_i] = 1``.
+
+    Knowing the terms, a check can read each draw's coefficients ``c = vec(G) @ pinv(T)`` (rows with a zero term
+    dropped: their coefficient is not identifiable and contributes nothing), which makes sharp projections:
+    winners ``sum (c_i - 1)`` over the winner rows (exactly 0 for a correct estimator), drawn rows
+    ``sum (c_i - 1) / E[(c_i - 1)^2]`` (the matched filter for a common rescaling of the drawn rows).
+    """
+
+    at: slice  # the product's entries in the flat draw
+    terms: Tensor  # (N, entries): vec(T_i) laid out as the product's entries
+    winners: Tensor  # (N,) bool: rows kept exactly (scale 1) in every draw
+    suffix: str = ""  # branch names are "winners" + suffix and "drawn" + suffix
+
+    def __post_init__(self) -> None:
+        active = self.terms.double().norm(dim=1) > 0
+        self.terms, self.winners = self.terms.double()[active], self.winners[active]
+        self.solve = torch.linalg.pinv(self.terms)  # (entries, active rows)
+
+
+def row_term_branches(parts: list[RowTerms], size: int) -> tuple[dict[str, Tensor], Callable]:
+    """``(branches, directions)`` for ``check_unbiased`` from the row terms of every sampled product in a draw of
+    ``size`` entries."""
+    branches: dict[str, Tensor] = {}
+    for part in parts:
+        for name, rows in (("winners", part.winners), ("drawn", ~part.winners)):
+            contribution = branches.setdefault(name + part.suffix, torch.zeros(size, dtype=torch.float64))
+            contribution[part.at] += part.terms[rows].sum(0)
+    branches = {name: c for name, c in branches.items() if bool(c.ne(0).any())}
+
+    def directions(pilot: Tensor) -> dict[str, Tensor]:
+        out = {name: torch.zeros(size, dtype=torch.float64) for name in branches}
+        for part in parts:
+            coef = pilot[:, part.at] @ part.solve + 1  # c_i
+            # A drawn row's coefficient is (times it was drawn) x (its slot scale): the smallest positive value seen
+            # is its scale s_i, and sum_i (c_i - 1) / s_i counts the draws minus their expected number, nearly
+            # constant for the right scales and shifted by a rescaling. Rows the pilot never drew get the
+            # Cauchy-Schwarz bound of their variance instead (E[c_i^2] >= 1 / pi for a row drawn in a fraction pi).
+            drawn_in = coef.abs().gt(1e-9)
+            scale = _common_step(torch.where(drawn_in, coef, torch.nan))
+            pi = (drawn_in.sum(0) + 0.5) / (coef.shape[0] + 1)
+            unseen = 1 / torch.maximum((coef - 1).square().mean(0), 1 / pi - 1).clamp_min(1e-300)
+            drawn = torch.where(part.winners, 0.0, torch.where(scale.isfinite(), 1 / scale, unseen))
+            if "drawn" + part.suffix in out:
+                out["drawn" + part.suffix][part.at] += part.solve @ drawn
+            if "winners" + part.suffix in out:
+                out["winners" + part.suffix][part.at] += part.solve @ part.winners.double()
+        return out
+
+    return branches, directions
+
+
+def _common_step(values: Tensor, most: int = 8) -> Tensor:
+    """Per column of ``values`` (NaN = absent): the largest ``min / j`` (j = 1..most) of which every value is a
+    whole multiple (a row's coefficients are whole multiples of its scale), or inf for a column with no value."""
+    smallest = values.nan_to_num(torch.inf).min(0).values
+    step = torch.full_like(smallest, torch.inf)
+    for j in range(most, 0, -1):
+        ratio = values / (smallest / j)
+        whole = ((ratio - ratio.round()).abs() <= 1e-6 * ratio.abs()) | values.isnan()
+        step = torch.where(whole.all(0) & smallest.isfinite(), smallest / j, step)
+    return step
 
 
 def winner_count(scales: Tensor) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .ops import DEFAULT_FLOOR, apply_sampled_linear, check_floor, compute_dtype, exact_linear
+from .ops import DEFAULT_FLOOR, apply_sampled_linear, check_floor, check_row_scores, compute_dtype, exact_linear
 from .sampler import RowSampler
 from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, check_min_rows
 
@@ -35,6 +35,8 @@ def _configure(module: nn.Module, budget, method, min_rows, floor, generator) ->
 def _sampled_forward(module: nn.Module, x: Tensor, row_scores: Tensor | None, transposed: bool) -> Tensor:
     if not (module.training and torch.is_grad_enabled() and module.weight.requires_grad and module.budget < 1.0):
         return exact_linear(x, module.weight, module.bias, transposed)
+    if row_scores is not None:
+        check_row_scores(row_scores, x)
     sampler: RowSampler = module.sampler
     dtype = compute_dtype(x)
     if x.dtype != dtype:

@@ -93,7 +93,7 @@ def _check_input(x: Tensor) -> None:
         raise ValueError(f"x must be a floating-point tensor of shape (..., in_features); got {what}")
 
 
-def _check_row_scores(row_scores: Tensor, x: Tensor) -> None:
+def check_row_scores(row_scores: Tensor, x: Tensor) -> None:
     if not isinstance(row_scores, Tensor) or not row_scores.is_floating_point():
         what = row_scores.dtype if isinstance(row_scores, Tensor) else type(row_scores).__name__
         raise ValueError(f"row_scores must be a floating-point tensor; got {what}")
@@ -154,7 +154,7 @@ def keep_rows(
     check_floor(floor)
     _check_input(x)
     if row_scores is not None:
-        _check_row_scores(row_scores, x)
+        check_row_scores(row_scores, x)
     n = math.prod(x.shape[:-1])
     k = num_kept_rows(n, budget, min_rows)
     whole = keep_whole(x, k)

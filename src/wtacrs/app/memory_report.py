@@ -73,6 +73,9 @@ def _load_config(name_or_path: str):
     import transformers
 
     if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise MemoryReportError(f"{name_or_path} has no config.json: MODEL_OR_CONFIG must be a Hugging Face model "
+                                    "folder (config.json, and weights if not to be initialised at random)")
         try:
             return transformers.AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError, KeyError) as e:

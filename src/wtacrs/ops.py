@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import kernels
 from .gradstats import TokenGradStats
-from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, draw, num_kept_rows
+from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, draw_rows, num_kept_rows
 
 #: Share of the row probabilities taken from activation norms when rows are weighted by gradient estimates (row
 #: scores, token statistics), so that every row whose input is non-zero keeps p > 0 (unbiasedness needs it even
@@ -120,11 +120,9 @@ def sample_kept_rows(
     sampling.
     """
     with torch.no_grad():
-        x2d = x.reshape(-1, x.shape[-1])
-        indices, scales = draw(probs, k, method, generator, counter)
-        rows = x2d.index_select(0, indices)
-        dtype = compute_dtype(x)
-        return KeptRows(rows if rows.dtype == dtype else rows.to(dtype), indices, scales, x2d.shape[0])
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        indices, scales, rows = draw_rows(probs, k, method, generator, counter, x2d, compute_dtype(x))
+        return KeptRows(rows, indices, scales, x2d.shape[0])
 
 
 def keep_rows(

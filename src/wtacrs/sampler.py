@@ -149,11 +149,11 @@ class RowSampler:
             with torch.no_grad():
                 x2d = x.reshape(-1, x.shape[-1])
                 if tokens is not None and row_scores is None:
-                    probs = kernels.row_norms(x2d) * self.stats.scores[tokens[1]]
+                    probs = kernels.row_weights(x2d, self.stats.scores, tokens[1])
                 else:
                     probs = row_probabilities(x2d, self._scores(layer, x, row_scores), layer.floor)
             counter = self.health.counter(layer.sampler_name, x.device)
-            kept = sample_kept_rows(x, k, probs, layer.method, layer.generator, counter)
+            kept = sample_kept_rows(x2d, k, probs, layer.method, layer.generator, counter)
         if self.share_inputs:
             self._last = (x, settings, kept)
         self._note(layer, kept, shared=False)

@@ -21,12 +21,13 @@ nothing depends on the values drawn and nothing is read back to the host: ``draw
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from . import kernels
 
 Method = Literal["wta_crs", "crs", "uniform", "topk"]
 METHODS: tuple[str, ...] = ("wta_crs", "crs", "uniform", "topk")
@@ -68,66 +69,74 @@ def draw(
     """``k`` slots for each row of weights ``p`` (..., N) with ``1 <= k < N``: (indices, scales), both (..., k).
 
     ``p`` holds float32 weights; they need not sum to 1. Non-finite weights make every scale of their row NaN (the
-    estimate is then NaN, as the exact product of non-finite rows is), and the row is drawn as if uniform; a row of
-    all-zero weights has all-zero terms, so any slots give its exact (zero) answer. Indices are int64, scales
-    float32. No host synchronisation, no data-dependent shape. ``counter`` (a 0-d float32 tensor, optional) gets the
-    sum of ``p`` added, so that a non-finite weight leaves it non-finite (``wtacrs.health``).
+    estimate is then NaN, as the exact product of non-finite rows is), and the row is drawn with NaN and -Inf
+    weights as the smallest positive float32 and +Inf as the largest; a row of all-zero weights has all-zero terms,
+    so any slots give its exact (zero) answer. Indices are int64, scales float32. No host synchronisation, no
+    data-dependent shape. ``counter`` (a 0-d float32 tensor, optional) gets the sum of ``p`` added, so that a
+    non-finite weight leaves it non-finite (``wtacrs.health``).
     """
+    indices, scales, _ = draw_rows(p, k, method, generator, counter)
+    return indices, scales
+
+
+def draw_rows(
+    p: Tensor, k: int, method: str = "wta_crs", generator: torch.Generator | None = None,
+    counter: Tensor | None = None, rows_of: Tensor | None = None, dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``draw``, and with ``rows_of`` (N, d) for weights ``p`` (N,) also the kept rows ``rows_of[indices]`` in
+    ``dtype`` (gathered with the slots in one kernel where the Triton kernels run)."""
+    if method == "wta_crs":
+        return _winners_and_draws(p, k, generator, counter, rows_of, dtype)
     total = p.sum(-1, keepdim=True)
     if counter is not None:
         counter.add_(total.sum())
-    finite = total.isfinite()
-    # Every weight in [tiny, max] (NaN to tiny, Inf to max). Raising zero weights to tiny keeps the draws valid
-    # (a row of zeros is drawn uniformly) and biases nothing: a scale is always computed from the weight the row
-    # was drawn with, and rows of zero weight have zero terms.
-    p = torch.nan_to_num(p, nan=_TINY, posinf=_MAX, neginf=_TINY).clamp_min_(_TINY)
+    p = _safe(p)
     if method == "uniform":
         drawn = _multinomial(torch.ones_like(p), k, generator)
         scales = torch.full(drawn.shape, p.shape[-1] / k, dtype=torch.float32, device=p.device)
     elif method == "topk":
         drawn = torch.topk(p, k, dim=-1, sorted=False).indices
         scales = torch.ones(drawn.shape, dtype=torch.float32, device=p.device)
-    elif method == "crs":
+    else:
         drawn = _multinomial(p, k, generator)
         scales = p.sum(-1, keepdim=True) / (k * p.gather(-1, drawn))
-    else:
-        drawn, scales = _winners_and_draws(p, k, generator)
-    return drawn, torch.where(finite, scales, math.nan)
+    scales = torch.where(total.isfinite(), scales, math.nan)
+    if rows_of is None:
+        return drawn, scales, None
+    rows = rows_of.index_select(0, drawn)
+    return drawn, scales, rows if dtype is None or rows.dtype == dtype else rows.to(dtype)
 
 
 _TINY = torch.finfo(torch.float32).tiny
 _MAX = torch.finfo(torch.float32).max
 
 
-def _winners_and_draws(p: Tensor, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """WTA-CRS on weights ``p`` > 0: the first ``c`` slots hold the winners (scale 1), the others draws."""
-    slots, draws_left = _slot_constants(k, p.device)
-    top_p, top_idx = torch.topk(p, k, dim=-1, sorted=True)  # descending
-    # rest[..., c]: the mass outside the c largest rows, c = 0..k-1 (c = 0 is plain CRS). The winner count c
-    # minimises rest / (k - c): its first minimiser, so that ties keep the draws.
-    rest = torch.sub(p.sum(-1, keepdim=True), torch.cumsum(top_p, -1)).add_(top_p)
-    c = torch.argmin(rest / draws_left, dim=-1, keepdim=True)
-    is_winner = slots < c
-    # The draws come from p without the winners; their mass is summed from that very distribution (rest[c] has
-    # cancellation error when the winners hold almost all of it). Every other row has p >= tiny, so it is > 0.
-    rest_p = p.scatter(-1, top_idx, top_p.masked_fill(is_winner, 0.0))
+def _safe(p: Tensor) -> Tensor:
+    """Every weight in [tiny, max] (NaN to tiny, Inf to max). Raising zero weights to tiny keeps the draws valid (a
+    row of zeros is drawn uniformly) and biases nothing: a scale is always computed from the weight the row was
+    drawn with, and rows of zero weight have zero terms."""
+    return torch.nan_to_num(p, nan=_TINY, posinf=_MAX, neginf=_TINY).clamp_min_(_TINY)
+
+
+def _winners_and_draws(p: Tensor, k: int, generator: torch.Generator | None, counter: Tensor | None,
+                       rows_of: Tensor | None, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """WTA-CRS: the first ``c`` slots hold the winners (scale 1), the others draws (``wtacrs.kernels.draws``)."""
+    safe = _safe(p)
+    top_p, top_idx = torch.topk(safe, k, dim=-1, sorted=True)  # descending
+    rest_p, stats = kernels.wta_crs_rest(p, safe, top_p, top_idx, counter)
     drawn = _multinomial(rest_p, k, generator)
-    scale = rest_p.sum(-1, keepdim=True) / (draws_left[c] * p.gather(-1, drawn))
-    return torch.where(is_winner, top_idx, drawn), scale.masked_fill(is_winner, 1.0)
-
-
-@functools.lru_cache(maxsize=64)
-def _slot_constants(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``arange(k)`` and ``k - arange(k)`` (float32) on ``device``, made once per (k, device)."""
-    slots = torch.arange(k, device=device)
-    return slots, (k - slots).float()
+    return kernels.wta_crs_slots(safe, top_idx, drawn, stats, rows_of, dtype)
 
 
 def _multinomial(p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    # One draw takes ATen's sampling-without-replacement path, which checks the weights on the host: draw two.
+    n = max(k, 2)
     if p.dim() <= 2:
-        return torch.multinomial(p, k, replacement=True, generator=generator)
-    flat = p.reshape(-1, p.shape[-1])
-    return torch.multinomial(flat, k, replacement=True, generator=generator).reshape(*p.shape[:-1], k)
+        drawn = torch.multinomial(p, n, replacement=True, generator=generator)
+    else:
+        flat = p.reshape(-1, p.shape[-1])
+        drawn = torch.multinomial(flat, n, replacement=True, generator=generator).reshape(*p.shape[:-1], n)
+    return drawn if n == k else drawn[..., :k]
 
 
 def sample_rows(

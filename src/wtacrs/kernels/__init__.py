@@ -2,10 +2,14 @@
 
 The Triton version runs where it can (a CUDA tensor, Triton installed, eager mode); the reference runs everywhere
 else, and under ``torch.compile``, where Inductor fuses the reference's ops itself. Both compute the same values;
-``tests/test_kernels.py`` checks each Triton kernel against its reference on CPU with ``TRITON_INTERPRET=1``.
+``tests/kernel_cases.py`` checks each Triton kernel against its reference on CPU with ``TRITON_INTERPRET=1``.
 """
 
 from .bits import masked_grad, pack_bits, relu_with_mask, unpack_bits
-from .rows import gather_scale_rows, row_norms
+from .draws import wta_crs_rest, wta_crs_slots
+from .rows import gather_scale_rows, row_norms, row_weights
 
-__all__ = ["gather_scale_rows", "masked_grad", "pack_bits", "relu_with_mask", "row_norms", "unpack_bits"]
+__all__ = [
+    "gather_scale_rows", "masked_grad", "pack_bits", "relu_with_mask", "row_norms", "row_weights", "unpack_bits", "wta_crs_rest",
+    "wta_crs_slots",
+]

@@ -19,8 +19,23 @@ def row_norms(x2d: Tensor) -> Tensor:
 
 
 def row_norms_reference(x2d: Tensor) -> Tensor:
-    # vector_norm cannot narrow float64 through its dtype argument: float64 norms are taken in float64.
-    return torch.linalg.vector_norm(x2d, dim=1, dtype=torch.promote_types(x2d.dtype, torch.float32)).float()
+    if x2d.dtype == torch.float64:  # vector_norm cannot narrow float64 through its dtype argument
+        return torch.linalg.vector_norm(x2d, dim=1).float()
+    return torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32)
+
+
+def row_weights(x2d: Tensor, scores: Tensor, ids: Tensor) -> Tensor:
+    """``row_norms(x2d) * scores[ids]``: (N,) float32 weights of the rows of ``x2d``, each row's norm times the score
+    of its id (token statistics)."""
+    if x2d.dtype in TRITON_FLOATS and use_triton(x2d, scores, ids):
+        from .rows_triton import row_weights_triton
+
+        return row_weights_triton(x2d, scores, ids)
+    return row_weights_reference(x2d, scores, ids)
+
+
+def row_weights_reference(x2d: Tensor, scores: Tensor, ids: Tensor) -> Tensor:
+    return row_norms_reference(x2d) * scores[ids]
 
 
 def gather_scale_rows(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:

@@ -20,7 +20,8 @@ def _blocks(d: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _row_norms_kernel(x, out, n, d, stride_n, stride_d, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_norms_kernel(x, out, scores, ids, n, d, stride_n, stride_d, SCORED: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -30,17 +31,30 @@ def _row_norms_kernel(x, out, n, d, stride_n, stride_d, BLOCK_M: tl.constexpr, B
         v = tl.load(x + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d, mask=ok, other=0.0)
         v = v.to(tl.float32)
         acc += tl.sum(v * v, axis=1)
-    tl.store(out + rows, tl.sqrt_rn(acc), mask=row_ok)
+    norms = tl.sqrt_rn(acc)
+    if SCORED:
+        norms = norms * tl.load(scores + tl.load(ids + rows, mask=row_ok, other=0), mask=row_ok, other=0.0)
+    tl.store(out + rows, norms, mask=row_ok)
 
 
-def row_norms_triton(x2d: Tensor) -> Tensor:
+def _row_norms(x2d: Tensor, scores: Tensor | None, ids: Tensor | None) -> Tensor:
     n, d = x2d.shape
     out = torch.empty(n, dtype=torch.float32, device=x2d.device)
     block_m, block_d = _blocks(d)
+    scored = scores is not None
     _row_norms_kernel[(triton.cdiv(n, block_m),)](
-        x2d, out, n, d, x2d.stride(0), x2d.stride(1), BLOCK_M=block_m, BLOCK_D=block_d
+        x2d, out, scores if scored else out, ids if scored else out, n, d, x2d.stride(0), x2d.stride(1),
+        SCORED=scored, BLOCK_M=block_m, BLOCK_D=block_d,
     )
     return out
+
+
+def row_norms_triton(x2d: Tensor) -> Tensor:
+    return _row_norms(x2d, None, None)
+
+
+def row_weights_triton(x2d: Tensor, scores: Tensor, ids: Tensor) -> Tensor:
+    return _row_norms(x2d, scores, ids)
 
 
 @triton.jit

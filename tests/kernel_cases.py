@@ -214,3 +214,27 @@ def test_wta_crs_slots(g, n, k, d, dtype):
     assert (kept is None) == (ref[2] is None)
     if kept is not None:
         same(kept, ref[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, d", [(1, 3), (48, 32), (2000, 20)])
+def test_token_norm_sums(n, d, dtype):
+    g = randn(n, d, dtype=dtype, seed=13)
+    ids = torch.randint(0, 30, (n,), generator=torch.Generator().manual_seed(14))
+    out, ref = kernels.token_norm_sums(g, ids, 30), rows.token_norm_sums_reference(g, ids, 30)
+    assert torch.equal(out[:, 1], ref[:, 1])  # counts
+    # Each sum adds up to n terms, each a norm (see test_row_norms) over a mean of n norms, in another order.
+    torch.testing.assert_close(out[:, 0], ref[:, 0], rtol=(d + 2 * n + 2) * EPS32, atol=0)
+
+
+@pytest.mark.parametrize("value_dtype", [None, torch.float32], ids=["value-in-rows-dtype", "float32-value"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gathered", [True, False])
+def test_masked_rows(gathered, dtype, value_dtype):
+    n, d, k = 30, 24, 11
+    x = with_bad_rows(randn(n, d, dtype=dtype, seed=15))
+    packed = bits.pack_bits_reference(torch.rand(n, d, generator=torch.Generator().manual_seed(16)) > 0.3)
+    indices = torch.randint(0, n, (k,), generator=torch.Generator().manual_seed(17)) if gathered else None
+    kept = x[indices] if gathered else x
+    value = torch.ones((), dtype=value_dtype or dtype).div_(0.7)
+    same(kernels.masked_rows(kept, indices, packed, value), bits.masked_rows_reference(kept, indices, packed, value))

@@ -9,11 +9,44 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import z_threshold
-from test_compile import batch, loss_of, net
 from tiny_models import tiny_batch, tiny_model
+from torch import nn
 
 import wtacrs
+from wtacrs.app.demo import heavy_tailed_rows
+
+D, CLASSES = 16, 4
+
+
+class Block(nn.Module):
+    """Pre-norm MLP block with a residual and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.up = nn.Linear(D, 4 * D)
+        self.down = nn.Linear(4 * D, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.down(F.gelu(self.up(self.norm(x))))
+        return self.head(torch.tanh(h))
+
+
+def net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Block()
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return heavy_tailed_rows(96, D, 1.5, g).reshape(4, 24, D), torch.randint(0, CLASSES, (4, 24), generator=g)
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).reshape(-1, CLASSES), y.reshape(-1))
 
 DTYPES = [torch.bfloat16, torch.float16]
 #: Rounding allowed between the stock and the sampled low-precision gradient, relative to the entry and to the
@@ -72,7 +105,7 @@ def test_hugging_face_training_steps_store_low_precision_rows(dtype):
         stock_loss = stock(**inputs).loss
         dtypes, out = saved_dtypes(lambda: model(**inputs).loss)
     assert torch.equal(out, stock_loss), "sampling must not change the forward"
-    assert {dtype, torch.float32, torch.int32} <= dtypes  # kept rows, scales, indices
+    assert {dtype, torch.float32, torch.int64} <= dtypes  # kept rows, scales, indices
     kept = [m.last_sample for m in model.modules() if isinstance(m, wtacrs.SampledLinear)]
     assert kept and all("rows" in k for k in kept)
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import kernels
+
 #: Weight of the old value in the moving average, per step in which a token occurs.
 DEFAULT_DECAY = 0.9
 
@@ -79,6 +81,4 @@ class TokenGradStats:
         """The probe's gradient from one sampled call: per token id, the sum of ``||dy_i|| / mean_j ||dy_j||`` over
         the rows ``i`` of that token (``ids[i]``) and their count. Computed here, in backward, rather than kept
         from forward: nothing of the vocabulary's size stays stored between the two."""
-        norms = torch.linalg.vector_norm(grad_2d, dim=1, dtype=torch.promote_types(grad_2d.dtype, torch.float32)).float()
-        per_row = torch.stack((norms / norms.mean(), torch.ones_like(norms)), 1)
-        return per_row.new_zeros(vocab_size, 2).index_add_(0, ids, per_row)
+        return kernels.token_norm_sums(grad_2d, ids, vocab_size)

@@ -203,7 +203,6 @@ class SampledLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows, indices, scales, probe, ids, mask, mask_value, transposed: bool):
-        ctx.x_shape = x.shape
         ctx.transposed = transposed
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.probe_rows = None if probe is None else probe.shape[0]  # the probe itself is not kept
@@ -218,12 +217,14 @@ class SampledLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_probe = None
         if ctx.needs_input_grad[0]:
             w = _as(weight, dtype)
-            grad_x = (grad_2d @ (w.T if ctx.transposed else w)).view(ctx.x_shape)
+            grad_x = torch.matmul(grad_out, w.T if ctx.transposed else w)  # (..., in): x's shape
         if ctx.needs_input_grad[1]:
             kept_grad = grad_2d if indices is None else kernels.gather_scale_rows(grad_2d, indices, scales)
-            rows2d = rows.view(-1, rows.shape[-1])
+            rows2d = rows if rows.dim() == 2 else rows.view(-1, rows.shape[-1])
             if mask is not None:
-                rows2d = _dropped_rows(rows2d, indices, mask, mask_value)
+                # The rows of dropout(input) (wtacrs.lora); rows of d elements, d a multiple of 8, are whole
+                # bytes of the packed mask.
+                rows2d = kernels.masked_rows(rows2d, indices, mask, mask_value)
             rows2d = _as(rows2d, kept_grad.dtype)
             grad_w = _as(rows2d.T @ kept_grad if ctx.transposed else kept_grad.T @ rows2d, weight.dtype)
         if ctx.needs_input_grad[2]:
@@ -232,16 +233,6 @@ class SampledLinearFunction(torch.autograd.Function):
             grad_probe = (grad_2d.new_zeros(ctx.probe_rows, 2, dtype=torch.float32) if ids is None
                           else TokenGradStats.contribution(grad_2d, ids, ctx.probe_rows))
         return grad_x, grad_w, grad_b, None, None, None, grad_probe, None, None, None, None
-
-
-def _dropped_rows(rows: Tensor, indices: Tensor | None, mask: Tensor, value: Tensor) -> Tensor:
-    """The rows of ``dropout(input)`` for kept ``rows`` of the input: ``rows * mask rows * value`` (rows of d
-    elements, d a multiple of 8, are whole bytes of the packed mask)."""
-    k, d = rows.shape
-    if indices is not None:
-        mask = mask.view(-1, d // 8).index_select(0, indices).view(-1)
-    keep = kernels.unpack_bits(mask, k * d).view(k, d)
-    return rows * (keep.to(rows.dtype) * value.to(rows.dtype))
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

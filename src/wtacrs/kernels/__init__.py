@@ -5,11 +5,11 @@ else, and under ``torch.compile``, where Inductor fuses the reference's ops itse
 ``tests/kernel_cases.py`` checks each Triton kernel against its reference on CPU with ``TRITON_INTERPRET=1``.
 """
 
-from .bits import masked_grad, pack_bits, relu_with_mask, unpack_bits
+from .bits import masked_grad, masked_rows, pack_bits, relu_with_mask, unpack_bits
 from .draws import wta_crs_rest, wta_crs_slots
-from .rows import gather_scale_rows, row_norms, row_weights
+from .rows import gather_scale_rows, row_norms, row_weights, token_norm_sums
 
 __all__ = [
-    "gather_scale_rows", "masked_grad", "pack_bits", "relu_with_mask", "row_norms", "row_weights", "unpack_bits", "wta_crs_rest",
+    "gather_scale_rows", "masked_grad", "masked_rows", "pack_bits", "relu_with_mask", "row_norms", "row_weights", "token_norm_sums", "unpack_bits", "wta_crs_rest",
     "wta_crs_slots",
 ]

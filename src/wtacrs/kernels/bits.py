@@ -93,3 +93,22 @@ def masked_grad_reference(grad: Tensor, packed: Tensor, scale: float | Tensor | 
     if grad.dtype in (torch.float16, torch.bfloat16):
         return (grad.float() * mask * scale).to(grad.dtype)
     return grad * mask * scale
+
+
+def masked_rows(rows: Tensor, indices: Tensor | None, packed: Tensor, value: Tensor) -> Tensor:
+    """``rows * m * value`` in ``rows``' dtype, ``m`` the rows ``indices`` (all rows if None) of the packed mask of a
+    (N, d) tensor, d a multiple of 8 (so that a row is whole bytes): the kept rows of ``dropout(x)`` rebuilt from
+    kept rows (k, d) of ``x`` (``wtacrs.lora``)."""
+    if rows.dtype in TRITON_FLOATS and use_triton(rows, packed, value):
+        from .bits_triton import masked_rows_triton
+
+        return masked_rows_triton(rows, indices, packed, value)
+    return masked_rows_reference(rows, indices, packed, value)
+
+
+def masked_rows_reference(rows: Tensor, indices: Tensor | None, packed: Tensor, value: Tensor) -> Tensor:
+    k, d = rows.shape
+    if indices is not None:
+        packed = packed.view(-1, d // 8).index_select(0, indices).view(-1)
+    keep = unpack_bits_reference(packed, k * d).view(k, d)
+    return rows * (keep.to(rows.dtype) * value.to(rows.dtype))

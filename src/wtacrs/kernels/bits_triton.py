@@ -105,3 +105,33 @@ def masked_grad_triton(grad: Tensor, packed: Tensor, scale: float | Tensor | Non
         mode, scale = _SCALE_NUMBER, float(scale)
     _masked_grad_kernel[(triton.cdiv(n, _BLOCK),)](flat, packed, out, n, scale, MODE=mode, BLOCK=_BLOCK)
     return out
+
+
+@triton.jit
+def _masked_rows_kernel(rows, indices, packed, value, out, k, d, HAS_INDICES: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = (slots < k)[:, None] & (cols < d)[None, :]
+    if HAS_INDICES:
+        source = tl.load(indices + slots, mask=slots < k, other=0).to(tl.int64)
+    else:
+        source = slots.to(tl.int64)
+    on = _bit(packed, source[:, None] * d + cols[None, :], ok)
+    at = slots[:, None].to(tl.int64) * d + cols[None, :]
+    r = tl.load(rows + at, mask=ok, other=0.0).to(tl.float32)
+    store_as(out + at, r * on.to(tl.float32) * tl.load(value).to(tl.float32), ok)
+
+
+def masked_rows_triton(rows: Tensor, indices: Tensor | None, packed: Tensor, value: Tensor) -> Tensor:
+    rows = rows.contiguous()
+    k, d = rows.shape
+    out = torch.empty_like(rows)
+    value = value if value.dtype == rows.dtype else value.to(rows.dtype)  # the reference rounds it so
+    block_d = min(triton.next_power_of_2(d), 256)
+    block_m = max(1, _BLOCK // block_d)
+    _masked_rows_kernel[(triton.cdiv(k, block_m), triton.cdiv(d, block_d))](
+        rows, rows if indices is None else indices, packed, value, out, k, d, HAS_INDICES=indices is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+    return out

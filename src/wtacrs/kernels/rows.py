@@ -38,6 +38,22 @@ def row_weights_reference(x2d: Tensor, scores: Tensor, ids: Tensor) -> Tensor:
     return row_norms_reference(x2d) * scores[ids]
 
 
+def token_norm_sums(g2d: Tensor, ids: Tensor, vocab_size: int) -> Tensor:
+    """(vocab_size, 2) float32: per id v, the sum of ``||g_i|| / mean_j ||g_j||`` over the rows i of ``g2d`` with
+    ``ids[i] == v``, and their count (``wtacrs.gradstats``)."""
+    if g2d.dtype in TRITON_FLOATS and use_triton(g2d, ids):
+        from .rows_triton import token_norm_sums_triton
+
+        return token_norm_sums_triton(g2d, ids, vocab_size)
+    return token_norm_sums_reference(g2d, ids, vocab_size)
+
+
+def token_norm_sums_reference(g2d: Tensor, ids: Tensor, vocab_size: int) -> Tensor:
+    norms = row_norms_reference(g2d)
+    per_row = torch.stack((norms / norms.mean(), torch.ones_like(norms)), 1)
+    return per_row.new_zeros(vocab_size, 2).index_add_(0, ids, per_row)
+
+
 def gather_scale_rows(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
     """``g2d[indices] * scales[:, None]``: the kept rows of an output gradient, each times its slot's scale.
 

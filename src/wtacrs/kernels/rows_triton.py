@@ -81,3 +81,26 @@ def gather_scale_rows_triton(g2d: Tensor, indices: Tensor, scales: Tensor) -> Te
         g2d, indices, scales, out, k, d, g2d.stride(0), g2d.stride(1), BLOCK_M=block_m, BLOCK_D=block_d
     )
     return out
+
+
+@triton.jit
+def _token_sums_kernel(norms, ids, out, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        total += tl.load(norms + start + offsets, mask=start + offsets < n, other=0.0)
+    mean = tl.sum(total, axis=0) / n
+    for start in range(0, n, BLOCK):
+        i = start + offsets
+        ok = i < n
+        slot = tl.load(ids + i, mask=ok, other=0).to(tl.int64) * 2
+        tl.atomic_add(out + slot, tl.load(norms + i, mask=ok, other=0.0) / mean, mask=ok)
+        tl.atomic_add(out + slot + 1, tl.full([BLOCK], 1.0, tl.float32), mask=ok)
+
+
+def token_norm_sums_triton(g2d: Tensor, ids: Tensor, vocab_size: int) -> Tensor:
+    norms = row_norms_triton(g2d)
+    out = torch.zeros(vocab_size, 2, dtype=torch.float32, device=g2d.device)
+    n = norms.shape[0]
+    _token_sums_kernel[(1,)](norms, ids, out, n, BLOCK=min(1024, triton.next_power_of_2(n)))
+    return out

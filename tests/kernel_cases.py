@@ -238,3 +238,21 @@ def test_masked_rows(gathered, dtype, value_dtype):
     kept = x[indices] if gathered else x
     value = torch.ones((), dtype=value_dtype or dtype).div_(0.7)
     same(kernels.masked_rows(kept, indices, packed, value), bits.masked_rows_reference(kept, indices, packed, value))
+
+
+@pytest.mark.parametrize("v", [1, 100, 3000])
+def test_fold_token_stats(v):
+    from wtacrs.kernels import stats
+
+    gen = torch.Generator().manual_seed(v)
+    table = torch.rand(v, generator=gen) * 3
+    table[torch.rand(v, generator=gen) < 0.3] = float("nan")  # not seen yet
+    counts = torch.randint(0, 4, (v,), generator=gen).float()
+    sums = torch.rand(v, generator=gen) * counts * 2
+    if v > 1:
+        sums[0], counts[0] = float("inf"), 2.0  # an overflowed step: the old value stays
+    grad = torch.stack((sums, counts), 1)
+    out, ref = kernels.fold_token_stats(table, grad, 0.9, 0.1), stats.fold_token_stats_reference(table, grad, 0.9, 0.1)
+    torch.testing.assert_close(out[0], ref[0], rtol=2 * EPS32, atol=0, equal_nan=True)  # one fused multiply-add
+    # The mean over seen tokens sums up to v values in another order.
+    torch.testing.assert_close(out[1], ref[1], rtol=(v + 4) * EPS32, atol=0)

@@ -51,8 +51,8 @@ def test_sampled_matmul_forward_is_matmul_and_saves_less():
     with SavedTensors() as ours:
         out = sampled_matmul(a, b, 0.3)
     assert torch.equal(out, ref)
-    # k = ceil(0.3 * 64) = 20 of 64 columns of a and rows of b, plus int32 indices and fp32 scales.
-    assert ours.nbytes == 2 * 3 * (20 * 40 * 4 * 2 + 20 * 4 * 2)
+    # k = ceil(0.3 * 64) = 20 of 64 columns of a and rows of b, plus int64 indices and fp32 scales.
+    assert ours.nbytes == 2 * 3 * (20 * 40 * 4 * 2 + 20 * (8 + 4))
     assert stock.nbytes == a.numel() * 4 + b.numel() * 4
     assert sampled_matmul(a, b, 1.0).grad_fn.name() != "_SampledMatmulFunctionBackward"
 
@@ -270,6 +270,6 @@ def test_dropped_out_attention_matrix_is_rebuilt_not_stored():
                                         value=value)
     assert torch.equal(out, ref)
     k = 12  # ceil(0.3 * 40)
-    assert saved.nbytes == 2 * 3 * (k * 64 * 4 + k * 4 + k * 4)  # rows of V, int32 indices, float32 scales
+    assert saved.nbytes == 2 * 3 * (k * 64 * 4 + k * 8 + k * 4)  # rows of V, int64 indices, float32 scales
     out.backward(grad)
     assert torch.equal(v.grad, grad_v_ref)  # the same products of the same rebuilt matrix

@@ -74,12 +74,23 @@ def _index_probabilities(a3: Tensor, b3: Tensor, keep_a: bool) -> Tensor:
     attention inputs its mean of 2,000 gradient estimates lay up to 88 standard errors from the exact value (a
     heavy tail, not a bias). The mixture keeps each scale within twice the one-operand choice.
     """
-    nb = torch.linalg.vector_norm(b3, dim=2, dtype=torch.promote_types(b3.dtype, torch.float32)).float()
+    nb = _norms(b3, 2)
     if keep_a:
         return nb
-    na = torch.linalg.vector_norm(a3, dim=1, dtype=torch.promote_types(a3.dtype, torch.float32)).float()
+    na = _norms(a3, 1)
     tiny = torch.finfo(torch.float32).tiny
     return na / na.sum(1, keepdim=True).clamp_min(tiny) + nb / nb.sum(1, keepdim=True).clamp_min(tiny)
+
+
+def _norms(t: Tensor, dim: int) -> Tensor:
+    """float32 norms along ``dim`` (float64 inputs in float64: vector_norm cannot narrow them through its dtype)."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t, dim=dim).float()
+    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _SampledMatmulFunction(torch.autograd.Function):
@@ -102,32 +113,32 @@ class _SampledMatmulFunction(torch.autograd.Function):
         else:
             a_saved = (a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1)),)
         ctx.whole = whole
-        ctx.save_for_backward(b_kept, indices.to(torch.int32) if kk < 2**31 else indices, scales, *a_saved)
+        ctx.save_for_backward(b_kept, indices, scales, *a_saved)
         ctx.a_shape, ctx.b_shape = a.shape, b.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         b_kept, indices, scales, *a_saved = ctx.saved_tensors
-        indices = indices.long()
         (m, kk), n = ctx.a_shape[-2:], ctx.b_shape[-1]
         g3 = grad_out.reshape(-1, m, n)
         # fp16 would overflow on large scales; compute there in fp32 (bf16 and fp32 have the range).
         dtype = torch.float32 if g3.dtype == torch.float16 else g3.dtype
-        g3 = g3.to(dtype)
+        g3 = _as(g3, dtype)
+        scales = _as(scales, dtype)
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            part = g3 @ (b_kept.to(dtype) * scales.to(dtype).unsqueeze(2)).transpose(1, 2)  # (G, m, k)
+            part = g3 @ (_as(b_kept, dtype) * scales.unsqueeze(2)).transpose(1, 2)  # (G, m, k)
             grad_a = g3.new_zeros(g3.shape[0], m, kk).scatter_add_(2, indices.unsqueeze(1).expand(-1, m, -1), part)
-            grad_a = grad_a.reshape(ctx.a_shape).to(grad_out.dtype)
+            grad_a = _as(grad_a.view(ctx.a_shape), grad_out.dtype)
         if ctx.needs_input_grad[1]:
             if ctx.whole:  # a kept whole: exact
                 a = a_saved[0] if len(a_saved) == 1 else rebuild_dropout(*a_saved)
-                grad_b = a.reshape(-1, m, kk).to(dtype).transpose(1, 2) @ g3
+                grad_b = _as(a.reshape(-1, m, kk), dtype).transpose(1, 2) @ g3
             else:
-                part = (a_saved[0].to(dtype) * scales.to(dtype).unsqueeze(1)).transpose(1, 2) @ g3  # (G, k, n)
+                part = (_as(a_saved[0], dtype) * scales.unsqueeze(1)).transpose(1, 2) @ g3  # (G, k, n)
                 grad_b = g3.new_zeros(g3.shape[0], kk, n).scatter_add_(1, indices.unsqueeze(2).expand(-1, -1, n), part)
-            grad_b = grad_b.reshape(ctx.b_shape).to(grad_out.dtype)
+            grad_b = _as(grad_b.view(ctx.b_shape), grad_out.dtype)
         return grad_a, grad_b, None, None, None, None, None, None, None, None
 
 

@@ -67,14 +67,8 @@ class TokenGradStats:
         keeps its old value.
         """
         with torch.no_grad():
-            sums, counts = grad.to(self.table.device).unbind(1)
-            step_mean = sums / counts.clamp_min(1.0)
-            updated = torch.where(self.table.isnan(), step_mean, self.decay * self.table + (1 - self.decay) * step_mean)
-            self.table = torch.where((counts > 0) & step_mean.isfinite(), updated, self.table)
-            seen = ~self.table.isnan()
-            mean = torch.where(seen, self.table, 0.0).sum() / seen.sum().clamp_min(1)
-            mean = torch.where(mean > 0, mean, 1.0)
-            self.scores = torch.where(seen, self.table, mean).clamp_min(mean * self.floor)
+            grad = grad if grad.device == self.table.device else grad.to(self.table.device)
+            self.table, self.scores = kernels.fold_token_stats(self.table, grad, self.decay, self.floor)
 
     @staticmethod
     def contribution(grad_2d: Tensor, ids: Tensor, vocab_size: int) -> Tensor:

@@ -8,8 +8,9 @@ else, and under ``torch.compile``, where Inductor fuses the reference's ops itse
 from .bits import masked_grad, masked_rows, pack_bits, relu_with_mask, unpack_bits
 from .draws import wta_crs_rest, wta_crs_slots
 from .rows import gather_scale_rows, row_norms, row_weights, token_norm_sums
+from .stats import fold_token_stats
 
 __all__ = [
-    "gather_scale_rows", "masked_grad", "masked_rows", "pack_bits", "relu_with_mask", "row_norms", "row_weights", "token_norm_sums", "unpack_bits", "wta_crs_rest",
+    "fold_token_stats", "gather_scale_rows", "masked_grad", "masked_rows", "pack_bits", "relu_with_mask", "row_norms", "row_weights", "token_norm_sums", "unpack_bits", "wta_crs_rest",
     "wta_crs_slots",
 ]

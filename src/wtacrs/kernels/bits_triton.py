@@ -39,7 +39,7 @@ def _pack_kernel(src, out, n, n_bytes, TEST: tl.constexpr, BLOCK: tl.constexpr):
 
 
 def _pack(src: Tensor, test: int) -> Tensor:
-    flat = src.reshape(-1)
+    flat = src if src.is_contiguous() else src.reshape(-1)
     n = flat.numel()
     n_bytes = (n + 7) // 8
     out = torch.empty(n_bytes, dtype=torch.uint8, device=src.device)
@@ -94,7 +94,7 @@ def _masked_grad_kernel(grad, packed, out, n, scale, MODE: tl.constexpr, BLOCK: 
 
 
 def masked_grad_triton(grad: Tensor, packed: Tensor, scale: float | Tensor | None = None) -> Tensor:
-    flat = grad.contiguous()
+    flat = grad if grad.is_contiguous() else grad.contiguous()
     n = flat.numel()
     out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
     if scale is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -161,8 +162,10 @@ MODELS: dict[str, ModelSpec] = {
 T5_TARGET_LEN = 4
 
 
-def build_model(name: str) -> torch.nn.Module:
-    """A random-init Hugging Face model with the shapes of ``name`` (a key of ``MODELS``), SDPA attention."""
+def build_model(name: str, dropout: float | None = None) -> torch.nn.Module:
+    """A random-init Hugging Face model with the shapes of ``name`` (a key of ``MODELS``) and the library's default
+    attention (SDPA where the model has it). ``dropout`` None keeps each config's default (0.1 for T5 and BERT, none
+    in LLaMA); tests pass 0 to compare arms that draw no random numbers."""
     spec = MODELS[name]
     if spec.family == "t5":
         from transformers import T5Config, T5ForConditionalGeneration
@@ -171,6 +174,7 @@ def build_model(name: str) -> torch.nn.Module:
             d_model=spec.hidden, d_ff=spec.ffn, num_layers=spec.layers, num_decoder_layers=spec.layers,
             num_heads=spec.heads, d_kv=spec.hidden // spec.heads, vocab_size=spec.vocab,
             feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False,
+            **({} if dropout is None else {"dropout_rate": dropout}),
         )
         return T5ForConditionalGeneration(config)
     if spec.family == "bert":
@@ -179,6 +183,7 @@ def build_model(name: str) -> torch.nn.Module:
         config = BertConfig(
             hidden_size=spec.hidden, intermediate_size=spec.ffn, num_hidden_layers=spec.layers,
             num_attention_heads=spec.heads, vocab_size=spec.vocab, num_labels=2,
+            **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
         )
         return BertForSequenceClassification(config)
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -187,6 +192,7 @@ def build_model(name: str) -> torch.nn.Module:
         hidden_size=spec.hidden, intermediate_size=spec.ffn, num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab,
         num_labels=2, pad_token_id=0, use_cache=False,
+        **({} if dropout is None else {"attention_dropout": dropout}),
     )
     return LlamaForSequenceClassification(config)
 
@@ -212,84 +218,257 @@ def peft_task_type(name: str) -> str:
 # Arms.
 
 
+
 @dataclass(frozen=True)
 class Arm:
-    """One way to fine-tune. ``budget`` None means no sampling."""
+    """One way to fine-tune, parsed from its name (``parse_arm``). ``budget`` None means no sampling."""
 
     name: str
     lora: bool = False
-    budget: float | None = None
-    checkpointing: bool = False
-    offload: bool = False
-    compact_masks: bool = False
-    attention: bool = False  # also sample the two attention matmuls (the paper's full fine-tuning setting)
+    budget: float | None = None  # +wta@B: wtacrs.apply_wtacrs(model, budget=B)
+    checkpointing: bool = False  # +gc: every block checkpointed, nothing inside kept
+    selective: bool = False  # +sac: every block checkpointed, matmul outputs kept (SAC_POLICY)
+    offload: bool = False  # +offload: saved tensors in host memory
+    compact_masks: bool = False  # +masks: 1-bit ReLU/dropout masks
+    attention: bool = False  # +attn: the two attention matmuls sampled at the arm's budget
+    compile: bool = False  # +compile, or +budget@B (compiled with the partitioner's activation memory budget)
+    memory_budget: float | None = None  # +budget@B
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the arm samples (WTA-CRS): the library's own arms on the memory-throughput plane."""
+        return self.budget is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+ARM_PARTS = "gc, sac, offload, masks, attn, compile, wta@B, budget@B"
+
+
+def _fraction(name: str, part: str, low_open: bool) -> float:
+    key, _, text = part.partition("@")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not ((0.0 < value if low_open else 0.0 <= value) and value <= 1.0):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"arm {name!r}: '{key}@B' needs a number B in {interval}; got {text!r}")
+    return value
+
+
 def parse_arm(name: str) -> Arm:
-    """``full|lora`` then ``+gc``, ``+wta@B``, ``+offload``, ``+masks`` (1-bit ReLU/dropout masks), ``+attn``
-    (attention matmuls sampled at the same budget; needs ``wta@B``) in any order, e.g. ``lora+wta@0.1+gc``."""
+    """``full|lora`` then any of ``+gc``, ``+sac``, ``+offload``, ``+masks``, ``+attn``, ``+compile``, ``+wta@B``,
+    ``+budget@B`` in any order, e.g. ``lora+wta@0.3+masks+attn+compile``. ``+attn`` samples at the arm's WTA-CRS
+    budget (needs ``+wta@B``); ``+gc`` and ``+sac`` are two kinds of checkpointing (one at a time); ``+budget@B``
+    compiles (so not with ``+compile``)."""
     parts = name.split("+")
-    base = parts[0]
-    if base not in ("full", "lora"):
+    if parts[0] not in ("full", "lora"):
         raise ValueError(f"an arm starts with 'full' or 'lora'; got {name!r}")
-    kw: dict = {"lora": base == "lora"}
+    kw: dict = {"lora": parts[0] == "lora"}
+    flags = {"gc": "checkpointing", "sac": "selective", "offload": "offload", "masks": "compact_masks",
+             "attn": "attention", "compile": "compile"}
+    seen: set[str] = set()
     for part in parts[1:]:
-        if part == "gc":
-            kw["checkpointing"] = True
-        elif part == "offload":
-            kw["offload"] = True
-        elif part == "masks":
-            kw["compact_masks"] = True
-        elif part == "attn":
-            kw["attention"] = True
-        elif part.startswith("wta@"):
-            try:
-                kw["budget"] = float(part[4:])
-            except ValueError:
-                raise ValueError(f"arm {name!r}: 'wta@B' needs a number B in (0, 1]; got {part[4:]!r}") from None
+        key = part.partition("@")[0]
+        if key in seen:
+            raise ValueError(f"arm {name!r}: {key!r} given twice")
+        seen.add(key)
+        if part in flags:
+            kw[flags[part]] = True
+        elif key == "wta":
+            kw["budget"] = _fraction(name, part, low_open=True)
+        elif key == "budget":
+            kw["memory_budget"] = _fraction(name, part, low_open=False)
         else:
-            raise ValueError(f"arm {name!r}: unknown part {part!r} (allowed: gc, offload, masks, attn, wta@B)")
+            raise ValueError(f"arm {name!r}: unknown part {part!r} (allowed: {ARM_PARTS})")
     if kw.get("attention") and "budget" not in kw:
         raise ValueError(f"arm {name!r}: 'attn' samples at the arm's budget, so it needs 'wta@B' too")
+    if kw.get("checkpointing") and kw.get("selective"):
+        raise ValueError(f"arm {name!r}: 'gc' and 'sac' both checkpoint every block; choose one")
+    if kw.get("compile") and "memory_budget" in kw:
+        raise ValueError(f"arm {name!r}: 'budget@B' compiles the model already; drop 'compile'")
+    if "memory_budget" in kw:
+        kw["compile"] = True
     return Arm(name=name, **kw)
 
 
-#: The arms of the issue, in display order.
+#: The arms of study 1's default run, in display order.
 DEFAULT_ARMS = (
     "full", "full+gc", "lora", "lora+gc", "full+wta@0.3", "full+wta@0.1",
     "lora+wta@0.3", "lora+wta@0.1", "full+wta@0.3+gc", "lora+offload",
 )
 
 
-def prepare_model(model_name: str, arm: Arm, device: str) -> torch.nn.Module:
-    """Build the model and apply the arm's fine-tuning recipe (LoRA, sampling, checkpointing) on ``device``."""
+# ---------------------------------------------------------------------------------------------------------------
+# Selective activation checkpointing.
+
+
+def _aten_ops(names: tuple[str, ...]) -> frozenset:
+    """The ``.default`` overloads of those aten ops this torch has (SDPA kernels differ between versions)."""
+    ops = (getattr(torch.ops.aten, n, None) for n in names)
+    return frozenset(op.default for op in ops if op is not None and hasattr(op, "default"))
+
+
+#: SAC_POLICY keeps the outputs of these ops: matrix products (every linear layer, the attention matmuls of eager
+#: attention) and fused attention kernels. They are the expensive ops to recompute; everything else in a block
+#: (norms, activations, dropout, softmax, residual adds, reshapes) is cheap and recomputed in backward, replaying
+#: the forward's random state, so dropout masks come out the same.
+SAC_SAVED_OPS = _aten_ops((
+    "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+    "_efficient_attention_forward",
+))
+
+
+def _checkpoint_api():
+    try:
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    except ImportError:
+        raise RuntimeError(
+            "+sac needs torch >= 2.4 (torch.utils.checkpoint.create_selective_checkpoint_contexts and "
+            f"CheckpointPolicy); this is torch {torch.__version__}"
+        ) from None
+    return CheckpointPolicy, create_selective_checkpoint_contexts
+
+
+def sac_policy(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep matmul and attention outputs (``SAC_SAVED_OPS``), recompute the rest."""
+    policy, _ = _checkpoint_api()
+    return policy.MUST_SAVE if op in SAC_SAVED_OPS else policy.PREFER_RECOMPUTE
+
+
+class SelectiveCheckpoint:
+    """The ``context_fn`` a user passes to ``torch.utils.checkpoint.checkpoint`` (through Hugging Face's
+    ``gradient_checkpointing_kwargs``) for selective checkpointing with ``sac_policy``.
+
+    The tensors it keeps live in the checkpoint's own cache, not in autograd's saved tensors, so
+    ``wtacrs.memory.SavedTensors`` does not see them; ``recording()`` collects those caches for ``cached_tensors``.
+    """
+
+    def __init__(self) -> None:
+        _checkpoint_api()
+        self._caches: list | None = None  # collecting while recording
+        self._last: list = []  # what the last recording collected
+
+    def __call__(self):
+        _, create = _checkpoint_api()
+        contexts = create(sac_policy)
+        if self._caches is not None:
+            self._caches.append(contexts[0].storage)
+        return contexts
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect the caches of the checkpoints run inside (for one forward: they hold its kept outputs)."""
+        self._caches = []
+        try:
+            yield
+        finally:
+            self._last, self._caches = self._caches or [], None
+
+    def cached_tensors(self) -> dict[tuple, torch.Tensor]:
+        """The tensors the last ``recording()`` forward kept in checkpoint caches, one per storage."""
+        out: dict[tuple, torch.Tensor] = {}
+        stack, self._last = self._last, []
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                out[(item.device.type, item.device.index, item.untyped_storage().data_ptr())] = item
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif hasattr(item, "val"):  # torch.utils.checkpoint's _VersionWrapper
+                stack.append(item.val)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building an arm.
+
+
+@dataclass
+class Prepared:
+    """An arm ready to train: ``model`` is what to call (compiled for compiled arms), ``module`` the model itself."""
+
+    model: torch.nn.Module
+    module: torch.nn.Module
+    arm: Arm
+    attention: str  # the attention implementation the model runs ("sdpa", "eager", ...)
+    selective: SelectiveCheckpoint | None = None
+
+
+def attention_implementation(module: torch.nn.Module) -> str:
+    """The attention implementation of a Hugging Face model (the PEFT wrapper's base model for LoRA)."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return getattr(base.config, "_attn_implementation", None) or "eager"
+
+
+def _enable_checkpointing(base: torch.nn.Module, kwargs: dict) -> None:
+    """Hugging Face's checkpointing switch: ``activation_checkpointing_enable`` in newer transformers, the
+    ``gradient_checkpointing_enable`` it replaces in older ones; both pass ``kwargs`` to torch's checkpoint."""
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def set_activation_memory_budget(budget: float) -> None:
+    """``torch._functorch.config.activation_memory_budget = budget``: a process-wide setting read when a compiled
+    model first runs (0: recompute everything the partitioner can, 1: its default, speed first)."""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "activation_memory_budget"):
+        raise RuntimeError(
+            "+budget@B needs torch >= 2.4 (torch._functorch.config.activation_memory_budget); "
+            f"this is torch {torch.__version__}"
+        )
+    functorch_config.activation_memory_budget = budget
+
+
+def prepare_model(model_name: str, arm: Arm, device: str, dropout: float | None = None) -> Prepared:
+    """Build the model and apply the arm's recipe on ``device``, each tool the way its users apply it:
+    PEFT's ``get_peft_model``; ``wtacrs.apply_wtacrs`` with every option the arm name sets written out (its
+    defaults are masks on); Hugging Face's checkpointing switch (``context_fn`` for ``+sac``); ``torch.compile``
+    of the whole model last. ``+offload`` wraps each forward (``memory_speed.Trainer``). ``dropout`` None keeps
+    the paper's (0.1 in the model where its config has it, and in LoRA)."""
     with torch.device(device):  # initialise on the device: much faster than on the host for large models
-        model = build_model(model_name)
+        model = build_model(model_name, dropout)
     if arm.lora:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=32, lora_alpha=32, lora_dropout=0.1, bias="all",
+            r=32, lora_alpha=32, lora_dropout=0.1 if dropout is None else dropout, bias="all",
             target_modules=MODELS[model_name].lora_targets, task_type=peft_task_type(model_name),
         )
         model = get_peft_model(model, config)
     if arm.budget is not None:
         import wtacrs
 
+        # With sample_attention, apply_wtacrs switches an SDPA model to eager attention itself.
         wtacrs.apply_wtacrs(model, budget=arm.budget, targets="lora" if arm.lora else "full",
                             compact_masks=arm.compact_masks, sample_attention=arm.attention)
     elif arm.compact_masks:
         from wtacrs.masks import patch_compact_masks
 
         patch_compact_masks(model)
-    if arm.checkpointing:
-        # Non-reentrant checkpointing works with frozen embeddings (LoRA) and replays the same RNG state,
-        # so the recomputed forward keeps the same sampled rows.
-        base = model.get_base_model() if arm.lora else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    selective = None
+    if arm.checkpointing or arm.selective:
+        # Non-reentrant checkpointing works with frozen embeddings (LoRA) and replays the same RNG state, so the
+        # recomputed forward draws the same dropout masks and sampled rows.
+        kwargs: dict = {"use_reentrant": False}
+        if arm.selective:
+            selective = SelectiveCheckpoint()
+            kwargs["context_fn"] = selective
+        _enable_checkpointing(model.get_base_model() if arm.lora else model, kwargs)
     model.train()
-    return model
-
+    attention = attention_implementation(model)
+    compiled = model
+    if arm.compile:
+        if arm.memory_budget is not None:
+            set_activation_memory_budget(arm.memory_budget)
+        compiled = torch.compile(model)
+    return Prepared(compiled, model, arm, attention, selective)

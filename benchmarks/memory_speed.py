@@ -1,12 +1,14 @@
 """Study 1: memory and speed of every fine-tuning arm, side by side, each arm in a fresh process.
 
-Per (model, precision, arm) it records the bytes autograd saves for backward (any device; ``wtacrs.memory.
-SavedTensors``), the peak allocated CUDA memory, the median step time of ``--steps`` optimizer steps after
-``--warmup`` (as sentences/s and tokens/s), and, on CUDA with ``--largest-batch``, the largest batch that fits
-(``--memory-limit`` GiB emulates a smaller card). Models are random-init configs with the public shapes.
+Per (model, precision, arm) it records the bytes kept for backward (any device; ``wtacrs.memory.SavedTensors``
+plus selective checkpointing's own cache), the peak allocated CUDA memory, the median step time of ``--steps``
+optimizer steps after ``--warmup`` (as sentences/s and tokens/s), the attention implementation the model ran, and,
+on CUDA with ``--largest-batch-arms``, the largest batch that fits (``--memory-limit`` GiB emulates a smaller card).
+Models are random-init configs with the public shapes. Each arm runs in a process of its own, forked from a server
+that has torch and transformers imported.
 
     python -m benchmarks.memory_speed --models t5-base --batch-size 4 --steps 3        # CPU, small
-    python -m benchmarks.memory_speed --models t5-base t5-large --batch-size 100 --largest-batch   # one GPU
+    python -m benchmarks.memory_speed --models t5-base t5-large --batch-size 100 --largest-batch-arms lora  # GPU
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ import argparse
 import contextlib
 import gc
 import json
+import math
+import multiprocessing
+import os
 import subprocess
 import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +43,7 @@ from .common import (
     prepare_model,
     run_metadata,
     settings_dict,
+    synchronize,
 )
 
 PRECISIONS = ("fp32", "bf16")
@@ -59,36 +69,47 @@ def _offload_context(offload: bool, device: str):
 class Trainer:
     """One model, one optimizer, one arm: ``step(batch)`` is a full AdamW step."""
 
-    def __init__(self, model_name: str, arm_name: str, precision: str, device: str) -> None:
+    def __init__(self, model_name: str, arm_name: str, precision: str, device: str,
+                 dropout: float | None = None, lr: float = 1e-5) -> None:
         self.arm = parse_arm(arm_name)
         self.precision, self.device = precision, device
         torch.manual_seed(0)
-        self.model = prepare_model(model_name, self.arm, device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.prepared = prepare_model(model_name, self.arm, device, dropout)
+        self.model = self.prepared.model
+        params = [p for p in self.prepared.module.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        self.total = sum(p.numel() for p in self.model.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+        self.total = sum(p.numel() for p in self.prepared.module.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=lr)
 
     def loss(self, batch: dict) -> torch.Tensor:
         with _precision_context(self.precision, self.device), _offload_context(self.arm.offload, self.device):
             return self.model(**batch).loss
 
-    def step(self, batch: dict) -> None:
+    def step(self, batch: dict) -> torch.Tensor:
+        """One optimizer step; returns the loss (detached; reading it would synchronise)."""
         loss = self.loss(batch)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def saved_bytes(self, batch: dict) -> int:
-        """Bytes autograd keeps for backward in one forward (activations only; parameters excluded)."""
+        """Bytes kept for backward in one forward (activations only; parameters excluded): what autograd saves
+        plus, for ``+sac``, what the checkpoints keep in their own caches."""
         from wtacrs.memory import SavedTensors
 
+        selective = self.prepared.selective if not self.arm.compile else None  # compiled: autograd saves all
+        recording = selective.recording() if selective else contextlib.nullcontext()
         # Measured without the offload hooks (innermost hooks win); offloading moves exactly these bytes.
-        with _precision_context(self.precision, self.device), SavedTensors(exclude=self.model.parameters()) as saved:
+        with _precision_context(self.precision, self.device), recording, \
+                SavedTensors(exclude=self.prepared.module.parameters()) as saved:
             loss = self.model(**batch).loss
+        cached = selective.cached_tensors() if selective else {}
+        extra = sum(t.untyped_storage().nbytes() for t in cached.values() if t not in saved)
+        del cached
         loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
-        return saved.nbytes
+        return saved.nbytes + extra
 
 
 def _free(device: str) -> None:
@@ -100,6 +121,7 @@ def _free(device: str) -> None:
 def _fits(trainer: Trainer, model_name: str, batch_size: int, seq_len: int) -> bool:
     try:
         trainer.step(make_batch(model_name, batch_size, seq_len, trainer.device))
+        synchronize(trainer.device)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -108,62 +130,150 @@ def _fits(trainer: Trainer, model_name: str, batch_size: int, seq_len: int) -> b
         _free(trainer.device)
 
 
-def largest_batch(trainer: Trainer, model_name: str, seq_len: int, start: int, max_batch: int) -> dict:
-    """Largest batch with one full step that does not run out of memory: doubling, then bisection to 1 sentence."""
-    lo, hi, probes = 0, None, 0
-    bs = max(1, start)
-    while bs <= max_batch:
+def search_largest(fits: Callable[[int], bool], guess: int, max_batch: int, tolerance: float = 0.05,
+                   max_probes: int = 8) -> dict:
+    """Largest batch ``b <= max_batch`` with ``fits(b)``, assuming fitting is monotone in ``b``.
+
+    Starts at ``guess`` (a prediction), steps away from it by ``tolerance`` and doubles the step while the answer
+    does not change (a gallop), then bisects until the bracket is within ``tolerance`` (or 1 sentence). Returns
+    ``largest_batch`` (fits; 0 if nothing did), ``fails_at`` (the smallest batch seen to fail, None if none),
+    ``probes``, and ``capped_at`` (``max_batch`` when even that fitted). ``max_probes`` bounds the time spent."""
+    lo, hi, probes, step = 0, None, 0, tolerance
+    b = min(max(1, guess), max_batch)
+    while probes < max_probes:
         probes += 1
-        if _fits(trainer, model_name, bs, seq_len):
-            lo, bs = bs, bs * 2
+        if fits(b):
+            lo = b
         else:
-            hi = bs
-            break
-    if hi is None:
-        return {"largest_batch": lo, "capped_at": max_batch, "probes": probes}
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        probes += 1
-        if _fits(trainer, model_name, mid, seq_len):
-            lo = mid
+            hi = b
+        if hi is None:
+            if lo >= max_batch:
+                break
+            b = min(max_batch, max(lo + 1, int(lo * (1 + step))))
+        elif lo == 0:
+            if hi == 1:
+                break
+            b = min(hi - 1, max(1, math.ceil(hi / (1 + step))))
         else:
-            hi = mid
-    return {"largest_batch": lo, "capped_at": None, "probes": probes}
+            if hi - lo <= 1 or hi <= lo * (1 + tolerance):
+                break
+            b = (lo + hi) // 2
+        step *= 2
+    return {"largest_batch": lo, "fails_at": hi, "probes": probes,
+            "capped_at": max_batch if hi is None and lo >= max_batch else None}
+
+
+#: Profiler event names: host calls that launch a kernel, and those that wait for the device.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+#: aten ops that read a device value on the host (each one a sync on a GPU); counted on any device.
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::_unique2")
+
+
+def profile_step(trainer: Trainer, batch: dict) -> dict:
+    """Per step: host syncs (CUDA: ``torch.cuda.set_sync_debug_mode("warn")`` warnings, and the profiler's
+    synchronize calls and device-to-host copies), kernels and launch calls (CUDA), aten op events and
+    sync-forcing aten ops (any device), from one profiled step after warm-up."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.startswith("cuda")
+    out: dict = {}
+    if cuda:
+        synchronize(trainer.device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                trainer.step(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        synchronize(trainer.device)
+        out["sync_warnings_per_step"] = sum("synchroniz" in str(w.message) for w in caught)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        trainer.step(batch)
+        synchronize(trainer.device)
+    events = prof.events()
+    names = Counter(e.name for e in events)
+    out["aten_ops_per_step"] = sum(n for name, n in names.items() if name.startswith("aten::"))
+    out["sync_ops_per_step"] = sum(names[n] for n in SYNC_OPS)
+    if cuda:
+        device_events = [e for e in events if e.device_type == DeviceType.CUDA]
+        out["kernels_per_step"] = sum(not e.name.startswith(("Memcpy", "Memset")) for e in device_events)
+        out["d2h_copies_per_step"] = sum("DtoH" in e.name for e in device_events)
+        out["launch_calls_per_step"] = sum(names[n] for n in LAUNCH_CALLS)
+        out["host_syncs_per_step"] = sum(names[n] for n in SYNC_CALLS)
+    return out
+
+
+def _compile_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": sum(counters["graph_break"].values()),
+            "compiled_graphs": counters["stats"].get("unique_graphs", 0)}
 
 
 def run_worker(spec: dict) -> dict:
+    """One arm, as ``spec`` asks: saved bytes, timed steps, peak memory, and optionally a profiled step, the peak
+    at a second batch size (for a per-sentence slope) and a largest-batch search (CUDA)."""
     device = spec["device"]
+    cuda = device.startswith("cuda")
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if device.startswith("cuda") and spec.get("memory_limit_gib"):
+    limit = None
+    if cuda and spec.get("memory_limit_gib"):
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_limit_gib"] * GIB / total), device)
-    trainer = Trainer(spec["model"], spec["arm"], spec["precision"], device)
-    result: dict = {"trainable_params": trainer.trainable, "total_params": trainer.total}
+        fraction = min(1.0, spec["memory_limit_gib"] * GIB / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        limit = fraction * total
+    start = time.perf_counter()
+    trainer = Trainer(spec["model"], spec["arm"], spec["precision"], device, spec.get("dropout"))
+    result: dict = {"trainable_params": trainer.trainable, "total_params": trainer.total,
+                    "attention": trainer.prepared.attention, "memory_limit_bytes": limit,
+                    "build_s": time.perf_counter() - start}
     bs, seq = spec["batch_size"], spec["seq_len"]
     batch = make_batch(spec["model"], bs, seq, device)
     try:
-        saved = trainer.saved_bytes(batch)
-        result["saved_bytes"] = saved
-        # What stays on the accelerator: offloaded activations live in host memory.
-        result["saved_bytes_on_device"] = 0 if (trainer.arm.offload and device.startswith("cuda")) else saved
+        if spec.get("saved_bytes", True):
+            result["saved_bytes"] = saved = trainer.saved_bytes(batch)
+            # What stays on the accelerator: offloaded activations live in host memory.
+            result["saved_bytes_on_device"] = 0 if (trainer.arm.offload and cuda) else saved
         _free(device)
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        if spec["steps"]:  # 0: saved bytes only
+        if spec["steps"]:  # 0: no timing
+            start = time.perf_counter()
             median, times = median_time(lambda: trainer.step(batch), device, spec["warmup"], spec["steps"])
             result.update(
                 step_s=median, step_times_s=times, sentences_per_s=bs / median, tokens_per_s=bs * seq / median,
-                peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None,
+                warmup_s=time.perf_counter() - start - sum(times),  # includes compiling, for compiled arms
+                peak_allocated_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
             )
+            if spec.get("profile"):
+                result.update(profile_step(trainer, batch))
+        del batch
+        trainer.optimizer.zero_grad(set_to_none=True)
+        _free(device)
+        second = spec.get("second_batch")
+        if second and cuda and "peak_allocated_bytes" in result:
+            torch.cuda.reset_peak_memory_stats(device)
+            trainer.step(make_batch(spec["model"], second, seq, device))
+            synchronize(device)
+            peak2 = torch.cuda.max_memory_allocated(device)
+            slope = (result["peak_allocated_bytes"] - peak2) / (bs - second)
+            result.update(second_batch_peak_bytes=peak2, bytes_per_sentence=slope,
+                          fixed_bytes=result["peak_allocated_bytes"] - slope * bs)
+            _free(device)
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory at batch {bs}: {str(exc).splitlines()[0]}"
-    del batch
-    trainer.optimizer.zero_grad(set_to_none=True)
-    _free(device)
+    if trainer.arm.compile:
+        result.update(_compile_counters())
     if spec.get("search_largest_batch"):
-        if device.startswith("cuda"):
-            result.update(largest_batch(trainer, spec["model"], seq, bs, spec["max_batch"]))
+        if cuda:
+            guess = spec.get("largest_guess") or bs
+            result.update(search_largest(lambda b: _fits(trainer, spec["model"], b, seq), guess, spec["max_batch"],
+                                         max_probes=spec.get("max_probes", 8)))
         else:
             result["largest_batch"] = None  # no memory limit to search against on CPU
     return result
@@ -172,19 +282,75 @@ def run_worker(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Parent: every arm in a fresh process.
 
+#: Imported once by the fork server, so that each arm's process starts without importing them again. None of
+#: them touches CUDA when imported; each arm's process initialises its own CUDA context.
+PRELOAD = ("torch", "transformers", "peft", "transformers.models.t5.modeling_t5",
+           "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
+           )
+_FORK_UNSAFE = "CUDA could not start in a process forked from the preloaded server"
+_use_subprocess = False
 
-def run_arm(spec: dict, timeout: float | None = None) -> dict:
-    """Run one arm in a fresh Python process and return its result (or the error it died with)."""
+
+def _forked_worker(spec: dict, conn) -> None:
+    try:
+        if spec["device"].startswith("cuda"):
+            try:
+                torch.zeros(1, device=spec["device"])
+            except RuntimeError as exc:
+                conn.send({"error": f"{_FORK_UNSAFE}: {exc}"})
+                return
+        conn.send(run_worker(spec))
+    except BaseException as exc:  # the parent records it as this arm's error
+        conn.send({"error": f"{type(exc).__name__}: {exc}"[:2000]})
+    finally:
+        conn.close()
+
+
+def _run_forked(spec: dict, timeout: float | None) -> dict:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_forked_worker, args=(spec, sender), daemon=True)
+    proc.start()
+    sender.close()
+    try:
+        if receiver.poll(timeout):
+            return receiver.recv()
+        return {"error": f"timed out after {timeout:.0f} s"}
+    except EOFError:
+        proc.join(5)
+        return {"error": f"worker died (exit code {proc.exitcode})"}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        receiver.close()
+
+
+def _run_subprocess(spec: dict, timeout: float | None) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.memory_speed", "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout} s"}
+        return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return {**spec, **json.loads(line[len(RESULT_PREFIX):])}
+            return json.loads(line[len(RESULT_PREFIX):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {**spec, "error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
+    return {"error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
+
+
+def run_arm(spec: dict, timeout: float | None = None) -> dict:
+    """Run one arm in a fresh process (forked from a server that has the libraries imported; a fresh
+    interpreter if CUDA cannot start there) and return its result, or the error it died with."""
+    global _use_subprocess
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # availability checks that leave CUDA unstarted
+    if not _use_subprocess:
+        out = _run_forked(spec, timeout)
+        if not str(out.get("error", "")).startswith(_FORK_UNSAFE):
+            return {**spec, **out}
+        _use_subprocess = True
+    return {**spec, **_run_subprocess(spec, timeout)}
 
 
 def run_study(args: argparse.Namespace) -> dict:
@@ -207,10 +373,12 @@ def run_study(args: argparse.Namespace) -> dict:
 
 
 def format_row(row: dict) -> str:
-    head = f"{row['model']:<10} {row['precision']:<4} {row['arm']:<20} "
-    if "saved_bytes" not in row:
+    head = f"{row['model']:<10} {row['precision']:<4} {row['arm']:<28} "
+    if "saved_bytes" not in row and "step_s" not in row:
         return f"{head} ERROR {row.get('error')}"
-    parts = [f"saved {row['saved_bytes'] / GIB:8.3g} GiB"]
+    parts = [f"attn {row.get('attention')}"]
+    if "saved_bytes" in row:
+        parts.append(f"saved {row['saved_bytes'] / GIB:8.3g} GiB")
     if row.get("peak_allocated_bytes") is not None:
         parts.append(f"peak {row['peak_allocated_bytes'] / GIB:7.2f} GiB")
     if "step_s" in row:
@@ -340,7 +508,8 @@ def plot_saved(result: dict, path: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["t5-base"], choices=sorted(MODELS))
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
-                        help="full|lora then +gc, +wta@B, +offload, +masks, e.g. lora+wta@0.1+gc")
+                        help="full|lora then any of +gc, +sac, +offload, +masks, +attn, +compile, +wta@B, "
+                             "+budget@B, e.g. lora+wta@0.3+masks+attn+compile (see benchmarks/README.md)")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=PRECISIONS)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--seq-len", type=int, default=128)

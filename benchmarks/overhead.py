@@ -2,7 +2,9 @@
 
 1. Per layer shape: ``wtacrs.sampled_linear`` forward+backward against ``F.linear`` forward+backward on the same
    input (N token rows), at each budget. Reps of the two are interleaved and the median of the per-rep ratios is
-   reported, which cancels slow drifts in machine load.
+   reported, which cancels slow drifts in machine load. With each time, the ops of one call (``torch.profiler``):
+   top-level ops (dispatcher calls from Python or autograd: the host-side overhead) and kernels (ops that compute;
+   a Triton kernel counts as one), and whether the Triton kernels ran (CUDA) or their references (CPU).
 2. End to end: full optimizer steps of a reference arm and a sampled arm at the same batch, both models in this
    process with the same weights, steps interleaved; median of per-step ratios.
 
@@ -70,12 +72,61 @@ def layer_overhead(rows: int, d_in: int, d_out: int, budgets: list[float], dtype
 
     fns = [step(F.linear)] + [step(lambda x_, w, b, budget=b_: sampled_linear(x_, w, b, budget)) for b_ in budgets]
     times = _interleaved(fns, device, warmup, reps)
+    counts = [op_counts(fn, device) for fn in fns]
     base = times[0]
-    out = [{"budget": None, "median_s": statistics.median(base), "ratio": 1.0}]
-    for budget, t in zip(budgets, times[1:]):
+    out = [{"budget": None, "median_s": statistics.median(base), "ratio": 1.0, **counts[0]}]
+    for budget, t, c in zip(budgets, times[1:], counts[1:]):
         ratios = [s / b for s, b in zip(t, base)]
-        out.append({"budget": budget, "median_s": statistics.median(t), "ratio": statistics.median(ratios)})
+        out.append({"budget": budget, "median_s": statistics.median(t), "ratio": statistics.median(ratios), **c})
     return out
+
+
+#: Ops that launch no kernel: views, allocations, metadata.
+_NO_KERNEL = frozenset({
+    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::t", "aten::transpose",
+    "aten::numpy_T", "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::slice",
+    "aten::select", "aten::detach", "aten::alias", "aten::empty", "aten::empty_strided", "aten::empty_like",
+    "aten::resize_", "aten::resolve_conj", "aten::resolve_neg", "aten::unbind", "aten::split", "aten::narrow",
+    "aten::lift_fresh", "aten::_unsafe_view", "aten::contiguous", "aten::to", "aten::_to_copy",
+    "aten::result_type", "aten::promote_types",
+})
+
+
+def op_counts(fn, device: str) -> dict:
+    """Ops of one call of ``fn`` (after a warm-up call): ``top_level_ops``, aten ops not called from inside another
+    aten op, plus Triton launches; ``kernels``: on CUDA the kernels the GPU ran, on CPU the aten ops that compute
+    (leaves that are not views, allocations or metadata)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    ops = [e for e in events if e.name.startswith("aten::")]
+    top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    if cuda:
+        gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        ours = _triton_kernel_names()
+        triton = sum(e.name in ours for e in gpu)
+        return {"top_level_ops": len(top) + triton, "kernels": len(gpu), "triton_kernels": triton}
+    # An op computes if nothing it calls computes (allocations and views inside do not count).
+    computing = [e for e in ops if e.name not in _NO_KERNEL]
+    parents = {id(e.cpu_parent) for e in computing if e.cpu_parent is not None}
+    kernels = [e for e in computing if id(e) not in parents]
+    return {"top_level_ops": len(top), "kernels": len(kernels), "triton_kernels": 0}
+
+
+def _triton_kernel_names() -> set[str]:
+    import importlib
+
+    names = set()
+    for module in ("rows_triton", "bits_triton", "draws_triton", "stats_triton"):
+        found = vars(importlib.import_module(f"wtacrs.kernels.{module}"))
+        names |= {name for name, value in found.items() if type(value).__name__ == "JITFunction"}
+    return names
 
 
 def e2e_overhead(model: str, pairs: list[str], batch: int, seq: int, precision: str, device: str, warmup: int,
@@ -112,28 +163,34 @@ def run_study(args: argparse.Namespace) -> dict:
                     layers.append({"group": group, "layer": label, "d_in": d_in, "d_out": d_out, "rows": args.rows,
                                    "precision": precision, **r})
                 print(f"layer {group} {label} {d_in}->{d_out} {precision}: "
-                      + ", ".join(f"@{r['budget']} {r['ratio']:.2f}x" for r in layers[-len(args.budgets):]),
-                      flush=True)
+                      + ", ".join(f"@{r['budget']} {r['ratio']:.2f}x ({r['top_level_ops']} ops)"
+                                  for r in layers[-len(args.budgets):]), flush=True)
     e2e = []
     if args.e2e_model:
         e2e = e2e_overhead(args.e2e_model, args.pairs, args.e2e_batch, args.seq_len, args.precisions[0],
                            args.device, args.warmup, args.e2e_steps)
     settings = settings_dict(args)
-    return {"study": "overhead", "meta": run_metadata(), "settings": settings, "layers": layers, "e2e": e2e}
+    from wtacrs.kernels.dispatch import use_triton
+
+    kernels = "triton" if use_triton(torch.empty(0, device=args.device)) else "pytorch reference"
+    return {"study": "overhead", "meta": run_metadata(), "settings": settings, "kernels": kernels, "layers": layers,
+            "e2e": e2e}
 
 
 def table(result: dict) -> str:
     budgets = result["settings"]["budgets"]
     lines = [f"Per layer, {result['settings']['rows']} rows: sampled_linear fwd+bwd time / F.linear fwd+bwd "
-             "(median of interleaved reps)",
-             "| shape | prec | F.linear ms | " + " | ".join(f"@{b:g}" for b in budgets) + " |",
-             "|---|---|---|" + "---|" * len(budgets)]
+             f"(median of interleaved reps); ops of one call, top-level / kernels ({result['kernels']} kernels)",
+             "| shape | prec | F.linear ms | F.linear ops | " + " | ".join(f"@{b:g}" for b in budgets) + " |",
+             "|---|---|---|---|" + "---|" * len(budgets)]
     base_rows = [r for r in result["layers"] if r["budget"] is None]
     for base in base_rows:
         same = [r for r in result["layers"] if r["budget"] is not None and r["layer"] == base["layer"]
                 and r["group"] == base["group"] and r["precision"] == base["precision"]]
         lines.append(f"| {base['group']} {base['layer']} {base['d_in']}->{base['d_out']} | {base['precision']} | "
-                     f"{1e3 * base['median_s']:.2f} | " + " | ".join(f"{r['ratio']:.2f}x" for r in same) + " |")
+                     f"{1e3 * base['median_s']:.2f} | {base['top_level_ops']} / {base['kernels']} | "
+                     + " | ".join(f"{r['ratio']:.2f}x, {r['top_level_ops']} / {r['kernels']} ops" for r in same)
+                     + " |")
     if result["e2e"]:
         lines += ["", "End to end, equal batch: step time of arm / step time of reference (median of interleaved steps)",
                   "| model | batch | prec | reference | arm | ref step s | arm step s | ratio |",

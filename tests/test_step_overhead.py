@@ -6,8 +6,8 @@ Measured with ``torch.profiler`` on CPU, as counts (times on a shared CI machine
   each one stalls the host until the device has caught up.
 * top-level ops: aten ops called from Python or from autograd's engine (not from inside another aten op): one
   dispatch each, the Python-side overhead of a step.
-* kernels: aten ops that compute something (leaves of the op tree that are not views, allocations or metadata),
-  roughly the kernels a GPU would launch.
+* kernels: aten ops that compute something and call nothing that does (views, allocations and metadata do not
+  count), roughly the kernels a GPU would launch.
 
 A Triton kernel counts as one op and one kernel. The kernels run on CUDA tensors; here they run on CPU tensors under
 Triton's interpreter in a child process (``tests/interpreted.py``), and the reference path in this process.
@@ -98,8 +98,10 @@ def step_counts(model: torch.nn.Module) -> dict[str, int]:
     launches = sum(e.name == TRITON_LAUNCH for e in events)
     ops = [e for e in events if e.name.startswith("aten::") and not _in_launch(e)]
     top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-    parents = {id(e.cpu_parent) for e in ops if e.cpu_parent is not None}
-    kernels = [e for e in ops if id(e) not in parents and e.name not in NO_KERNEL]
+    # An op computes if nothing it calls computes (allocations and views inside do not count).
+    computing = [e for e in ops if e.name not in NO_KERNEL]
+    parents = {id(e.cpu_parent) for e in computing if e.cpu_parent is not None}
+    kernels = [e for e in computing if id(e) not in parents]
     return {"ops": len(top) + launches, "kernels": len(kernels) + launches,
             "syncs": sum(e.name in SYNC_OPS for e in ops), "triton": launches}
 

@@ -331,7 +331,7 @@ def patch_attention(
         raise ValueError(f"no attention module (class name ending in 'Attention') found in {type(model).__name__}")
     unreachable = [m for m in modules if not calls_any(type(m).forward, {"matmul"})]
     if unreachable:
-        implementation = _attn_implementation(unreachable[0])
+        implementation = _attn_implementation(model)
         hint = ""
         if implementation != "eager":  # transformers 4 picks SDPA/flash attention classes when the model is built
             import transformers

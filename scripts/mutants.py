@@ -1,0 +1,191 @@
+"""Mutation check: do the tests fail when the estimator is broken on purpose?
+
+Each mutant is one small fault (a scale rescaled by 1.05, the winners dropped, the probability floor removed, the
+weight gradient zeroed, ...) written as a text replacement in one module. For each, ``src/wtacrs`` is copied to a
+temporary folder, the replacement applied there, and the mutant's test files run against the copy (``PYTHONPATH``
+puts it first), each stopping at its first failure. A mutant is killed when a test fails; every mutant must be
+killed by its own module's test file, and the 5% bias mutants also by the model-level tests. The output is a table
+of which test killed which mutant.
+
+    python scripts/mutants.py                  # every mutant (results/mutants.txt holds the last output)
+    python scripts/mutants.py --only winners-dropped draws-scale-x1.05
+    python scripts/mutants.py --list
+
+A replacement that no longer matches the source (the code moved on) is reported as "stale" and fails the run, so
+the list is kept in step with the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Model-level cases for the bias mutants: the default probabilities with winners, full fine-tuning and LoRA.
+MODEL_CASES = ("tests/test_models_unbiased.py::test_mean_of_sampled_gradients_is_the_exact_gradient[bert-full-tokens]",
+               "tests/test_models_unbiased.py::test_mean_of_sampled_gradients_is_the_exact_gradient[llama-lora-tokens]")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    module: str  # under src/wtacrs
+    old: str  # must occur exactly once
+    new: str
+    own: tuple[str, ...]  # the module's own test files: one of them must kill the mutant
+    also: tuple[str, ...] = field(default=())  # further tests expected to kill it (model level)
+
+
+MUTANTS = [
+    Mutant("draws-scale-x1.05", "kernels/draws.py",
+           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)",
+           "scales = (1.05 * mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)",
+           ("tests/test_sampling.py",), ("tests/test_ops.py", *MODEL_CASES)),
+    Mutant("winners-scale-x1.05", "kernels/draws.py",
+           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)",
+           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.05)",
+           ("tests/test_sampling.py",), ("tests/test_ops.py", *MODEL_CASES)),
+    Mutant("winners-dropped", "kernels/draws.py",
+           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)",
+           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 0.0)",
+           ("tests/test_sampling.py",), ("tests/test_ops.py", *MODEL_CASES)),
+    Mutant("no-winners", "kernels/draws.py",
+           "c = torch.argmin(rest / draws_left, dim=-1, keepdim=True)",
+           "c = torch.zeros_like(torch.argmin(rest / draws_left, dim=-1, keepdim=True))",
+           ("tests/test_sampling.py",), MODEL_CASES),
+    Mutant("crs-scale-x1.05", "sampling.py",
+           "scales = p.sum(-1, keepdim=True) / (k * p.gather(-1, drawn))",
+           "scales = 1.05 * p.sum(-1, keepdim=True) / (k * p.gather(-1, drawn))",
+           ("tests/test_sampling.py",), ("tests/test_ops.py",)),
+    Mutant("uniform-scale-x1.05", "sampling.py",
+           "scales = torch.full(drawn.shape, p.shape[-1] / k,",
+           "scales = torch.full(drawn.shape, 1.05 * p.shape[-1] / k,",
+           ("tests/test_sampling.py",), ("tests/test_ops.py",)),
+    Mutant("nan-scales-dropped", "kernels/draws.py",
+           "scales = torch.where(mass.isnan(), math.nan, scales)",
+           "scales = scales",
+           ("tests/test_sampling.py",), ("tests/test_layers.py",)),
+    Mutant("scales-not-applied", "ops.py",
+           "kept_grad = grad_2d if indices is None else kernels.gather_scale_rows(grad_2d, indices, scales)",
+           "kept_grad = grad_2d if indices is None else grad_2d.index_select(0, indices)",
+           ("tests/test_ops.py",), MODEL_CASES),
+    Mutant("gradient-zeroed", "ops.py",
+           "grad_w = _as(rows2d.T @ kept_grad if ctx.transposed else kept_grad.T @ rows2d, weight.dtype)",
+           "grad_w = _as(rows2d.T @ kept_grad if ctx.transposed else kept_grad.T @ rows2d, weight.dtype) * 0",
+           ("tests/test_ops.py",), ("tests/test_layers.py", "tests/test_learning.py", *MODEL_CASES)),
+    Mutant("full-input-kept", "ops.py",
+           "    if k >= n:\n        return KeptRows(x.detach().to(dtype), None, None, n)",
+           "    if True:\n        return KeptRows(x.detach().to(dtype), None, None, n)",
+           ("tests/test_ops.py",), ("tests/test_layers.py",)),
+    Mutant("needs-input-grad-guard-removed", "ops.py",
+           "        if ctx.needs_input_grad[0]:",
+           "        if True:",
+           ("tests/test_ops.py",)),
+    Mutant("floor-removed-row-scores", "ops.py",
+           "return norms * torch.maximum(row_scores, row_scores.mean() * floor)",
+           "return norms * row_scores",
+           ("tests/test_ops.py",), ("tests/test_hf_integration.py",)),
+    Mutant("floor-removed-token-stats", "kernels/stats.py",
+           "return table, torch.where(seen, table, mean).clamp_min(mean * floor)",
+           "return table, torch.where(seen, table, mean)",
+           ("tests/test_gradstats.py",)),
+    Mutant("token-stats-wrong-tokens", "kernels/rows.py",
+           "return per_row.new_zeros(vocab_size, 2).index_add_(0, ids, per_row)",
+           "return per_row.new_zeros(vocab_size, 2).index_add_(0, ids.roll(1), per_row)",
+           ("tests/test_gradstats.py",)),
+    Mutant("nan-not-reported", "health.py",
+           "        if bad:\n            self.reset()",
+           "        if False:\n            self.reset()",
+           ("tests/test_health.py",), ("tests/test_layers.py",)),
+    Mutant("shared-sample-for-another-input", "sampler.py",
+           "last is not None and last[0] is x and last[1] == settings",
+           "last is not None and last[1] == settings",
+           ("tests/test_hf_integration.py",)),
+    Mutant("attention-operand-kept-whole", "attention.py",
+           "            a_saved = (a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1)),)",
+           "            a_saved = (a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1)), a3.clone())",
+           ("tests/test_attention.py",)),
+]
+
+
+def run_tests(copy: Path, tests: tuple[str, ...]) -> dict[str, str]:
+    """Per test file (or node id): '' if it passed, else the first failing test."""
+    env = {**os.environ, "PYTHONPATH": f"{copy}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep)}
+    results = {}
+    for test in tests:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", "--no-header", test],
+            cwd=ROOT, env=env, capture_output=True, text=True,
+        )
+        if proc.returncode == 0:
+            results[test] = ""
+        else:
+            failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+            results[test] = failed[0] if failed else f"exit {proc.returncode}"
+    return results
+
+
+def short(test: str) -> str:
+    return test.removeprefix("tests/").replace("test_mean_of_sampled_gradients_is_the_exact_gradient", "mean")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--out", type=Path, help="also write the table here (e.g. results/mutants.txt)")
+    args = parser.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:34s} {m.module}")
+        return 0
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants {sorted(unknown)}; see --list")
+
+    lines, ok = [], True
+    started = time.monotonic()
+    for mutant in chosen:
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp)
+            shutil.copytree(ROOT / "src" / "wtacrs", copy / "wtacrs")
+            target = copy / "wtacrs" / mutant.module
+            source = target.read_text()
+            if source.count(mutant.old) != 1:
+                lines.append(f"{mutant.name}: STALE (the replaced text occurs {source.count(mutant.old)} times in "
+                             f"{mutant.module})")
+                ok = False
+                continue
+            target.write_text(source.replace(mutant.old, mutant.new))
+            results = run_tests(copy, mutant.own + mutant.also)
+        own_killed = any(results[t] for t in mutant.own)
+        also_survived = [t for t in mutant.also if not results[t]]
+        verdict = "killed" if own_killed and not also_survived else "NOT KILLED"
+        ok &= verdict == "killed"
+        lines.append(f"{mutant.name} ({mutant.module}): {verdict} in {time.monotonic() - t0:.0f} s")
+        for test, failure in results.items():
+            where = "own" if test in mutant.own else "also"
+            lines.append(f"    {where:4s} {short(test):60s} " + (f"killed by {short(failure)}" if failure else "SURVIVED"))
+        print("\n".join(lines[-1 - len(results):]), flush=True)
+    total = time.monotonic() - started
+    lines.append(f"{sum('killed in' in l for l in lines)}/{len(chosen)} mutants killed as required; {total:.0f} s")
+    print(lines[-1])
+    if args.out:
+        command = "python scripts/mutants.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+        args.out.write_text(f"$ {command}\n" + "\n".join(lines) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -300,7 +300,7 @@ def sampled_linear(
             f"x has {x.shape[-1]} features but the weight of shape {tuple(weight.shape)} expects {in_features}"
             + (" (transposed: (in, out))" if transposed else " ((out, in))")
         )
-    x = x.to(compute_dtype(x))
+    x = _as(x, compute_dtype(x))
     if kept is None:
         kept = keep_rows(x, budget, method, row_scores, generator, min_rows, floor)
     elif kept.num_rows != math.prod(x.shape[:-1]) or kept.rows.shape[-1] != in_features:

@@ -67,15 +67,15 @@ def wta_crs_slots(safe: Tensor, top_idx: Tensor, drawn: Tensor, stats: Tensor, r
 def wta_crs_slots_reference(safe: Tensor, top_idx: Tensor, drawn: Tensor, stats: Tensor,
                             rows_of: Tensor | None = None,
                             dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    slots, draws_left = _slot_constants(top_idx.shape[-1], safe.device)
-    c, mass = stats[..., :1].long(), stats[..., 1:]
-    is_winner = slots < c
-    scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)
+    k = top_idx.shape[-1]
+    c, mass = stats.split(1, dim=-1)  # c as float32: exact
+    is_winner = _slot_constants(k, safe.device)[0] < c
+    scales = (mass / ((k - c) * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)
     indices = torch.where(is_winner, top_idx, drawn)
     scales = torch.where(mass.isnan(), math.nan, scales)
     if rows_of is None:
         return indices, scales, None
-    rows = rows_of.index_select(0, indices.view(-1))
+    rows = rows_of.index_select(0, indices if indices.dim() == 1 else indices.view(-1))
     return indices, scales, rows if dtype is None or rows.dtype == dtype else rows.to(dtype)
 
 

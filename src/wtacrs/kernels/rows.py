@@ -70,5 +70,6 @@ def gather_scale_rows(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
 def gather_scale_rows_reference(g2d: Tensor, indices: Tensor, scales: Tensor) -> Tensor:
     out_dtype = torch.float32 if g2d.dtype == torch.float16 else g2d.dtype
     if g2d.dtype in (torch.float32, torch.float64):
-        return g2d.index_select(0, indices) * scales.unsqueeze(1).to(g2d.dtype)
+        scales = scales if scales.dtype == g2d.dtype else scales.to(g2d.dtype)
+        return g2d.index_select(0, indices) * scales.unsqueeze(1)
     return (g2d.index_select(0, indices).float() * scales.unsqueeze(1)).to(out_dtype)

@@ -2,7 +2,7 @@
 
 ``y = F.linear(x, W, b)`` is computed exactly. Backward needs ``x`` only for ``grad_W = grad_y.T @ x``; that sum
 over rows is replaced by an unbiased estimate from ``k`` slots (row index, scale) chosen by ``wtacrs.sampling``.
-So the op saves ``x[indices]`` (x's dtype, or the autocast dtype), the indices (int32 when they fit) and float32
+So the op saves ``x[indices]`` (x's dtype, or the autocast dtype), the int64 indices and float32
 scales, and nothing of x's full size. ``grad_x`` and ``grad_b`` are exact.
 
 A training step runs without a device sync: ``k`` is fixed by the budget and the row count, and the checks of
@@ -31,8 +31,6 @@ from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, draw
 #: when an estimate is stale or zero).
 DEFAULT_FLOOR = 0.1
 
-_INDEX_INT32_LIMIT = 2**31
-
 #: Autograd nodes that save their own output for backward. A layer reading such an output keeps all of it at no
 #: extra cost (the same storage is already held), so it takes the exact gradient instead of a sample.
 _OUTPUT_SAVING_NODES = frozenset({"ReluBackward0", "SoftmaxBackward0", "TanhBackward0", "SigmoidBackward0"})
@@ -47,7 +45,7 @@ class KeptRows:
     """
 
     rows: Tensor  # (k, d_in), the input's dtype (the autocast dtype under autocast)
-    indices: Tensor | None  # (k,) int32 (int64 for inputs of 2**31 rows or more); a row may fill several slots
+    indices: Tensor | None  # (k,) int64; a row may fill several slots
     scales: Tensor | None  # (k,) float32
     num_rows: int  # N, the input's row count
     already_saved_by: str | None = None  # the autograd node that saves the whole input anyway, if any

@@ -162,11 +162,13 @@ MODELS: dict[str, ModelSpec] = {
 T5_TARGET_LEN = 4
 
 
-def build_model(name: str, dropout: float | None = None) -> torch.nn.Module:
-    """A random-init Hugging Face model with the shapes of ``name`` (a key of ``MODELS``) and the library's default
-    attention (SDPA where the model has it). ``dropout`` None keeps each config's default (0.1 for T5 and BERT, none
-    in LLaMA); tests pass 0 to compare arms that draw no random numbers."""
+def build_model(name: str, dropout: float | None = None, attention: str | None = None) -> torch.nn.Module:
+    """A random-init Hugging Face model with the shapes of ``name`` (a key of ``MODELS``). ``attention`` None gives
+    the library's default attention (SDPA where the model has it), else that implementation (``"eager"``).
+    ``dropout`` None keeps each config's default (0.1 for T5 and BERT, none in LLaMA); tests pass 0 to compare arms
+    that draw no random numbers."""
     spec = MODELS[name]
+    common = {} if attention is None else {"attn_implementation": attention}
     if spec.family == "t5":
         from transformers import T5Config, T5ForConditionalGeneration
 
@@ -174,7 +176,7 @@ def build_model(name: str, dropout: float | None = None) -> torch.nn.Module:
             d_model=spec.hidden, d_ff=spec.ffn, num_layers=spec.layers, num_decoder_layers=spec.layers,
             num_heads=spec.heads, d_kv=spec.hidden // spec.heads, vocab_size=spec.vocab,
             feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False,
-            **({} if dropout is None else {"dropout_rate": dropout}),
+            **common, **({} if dropout is None else {"dropout_rate": dropout}),
         )
         return T5ForConditionalGeneration(config)
     if spec.family == "bert":
@@ -182,7 +184,7 @@ def build_model(name: str, dropout: float | None = None) -> torch.nn.Module:
 
         config = BertConfig(
             hidden_size=spec.hidden, intermediate_size=spec.ffn, num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads, vocab_size=spec.vocab, num_labels=2,
+            num_attention_heads=spec.heads, vocab_size=spec.vocab, num_labels=2, **common,
             **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
         )
         return BertForSequenceClassification(config)
@@ -191,7 +193,7 @@ def build_model(name: str, dropout: float | None = None) -> torch.nn.Module:
     config = LlamaConfig(
         hidden_size=spec.hidden, intermediate_size=spec.ffn, num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab,
-        num_labels=2, pad_token_id=0, use_cache=False,
+        num_labels=2, pad_token_id=0, use_cache=False, **common,
         **({} if dropout is None else {"attention_dropout": dropout}),
     )
     return LlamaForSequenceClassification(config)
@@ -434,9 +436,12 @@ def prepare_model(model_name: str, arm: Arm, device: str, dropout: float | None 
     PEFT's ``get_peft_model``; ``wtacrs.apply_wtacrs`` with every option the arm name sets written out (its
     defaults are masks on); Hugging Face's checkpointing switch (``context_fn`` for ``+sac``); ``torch.compile``
     of the whole model last. ``+offload`` wraps each forward (``memory_speed.Trainer``). ``dropout`` None keeps
-    the paper's (0.1 in the model where its config has it, and in LoRA)."""
+    the paper's (0.1 in the model where its config has it, and in LoRA).
+
+    ``+attn`` arms load the model with eager attention, which ``apply_wtacrs`` would switch an SDPA model to: the
+    switch after loading needs transformers 5 for some families (BERT), and its error says to load eager."""
     with torch.device(device):  # initialise on the device: much faster than on the host for large models
-        model = build_model(model_name, dropout)
+        model = build_model(model_name, dropout, "eager" if arm.attention else None)
     if arm.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -448,7 +453,6 @@ def prepare_model(model_name: str, arm: Arm, device: str, dropout: float | None 
     if arm.budget is not None:
         import wtacrs
 
-        # With sample_attention, apply_wtacrs switches an SDPA model to eager attention itself.
         wtacrs.apply_wtacrs(model, budget=arm.budget, targets="lora" if arm.lora else "full",
                             compact_masks=arm.compact_masks, sample_attention=arm.attention)
     elif arm.compact_masks:

@@ -446,13 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few arms: a smoke run on any device")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds for the whole run (default 360; --quick: 100)")
+                        help="seconds for the tasks (default 345, 6 minutes in all with start and plots; --quick: 100)")
     parser.add_argument("--max-batch", type=int, default=16384, help="largest batch a search may try")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per arm (default: torch's)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.time_budget is None:
-        args.time_budget = 100.0 if args.quick else 360.0
+        args.time_budget = 100.0 if args.quick else 345.0
     if args.time_budget <= 0:
         parser.error(f"--time-budget must be > 0 seconds; got {args.time_budget}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

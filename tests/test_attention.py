@@ -273,3 +273,13 @@ def test_dropped_out_attention_matrix_is_rebuilt_not_stored():
     assert saved.nbytes == 2 * 3 * (k * 64 * 4 + k * 8 + k * 4)  # rows of V, int64 indices, float32 scales
     out.backward(grad)
     assert torch.equal(v.grad, grad_v_ref)  # the same products of the same rebuilt matrix
+
+
+def test_patched_model_pickles_and_still_samples(tmp_path):
+    model = _tiny("llama")
+    attention.patch_attention(model, 0.3, min_rows=2)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loss = loaded(**_batch("llama")).loss
+    assert sum("SampledMatmul" in type(n).__name__ for n in _graph_nodes(loss)) == 2 * len(
+        attention.attention_modules(loaded))

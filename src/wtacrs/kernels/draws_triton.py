@@ -37,9 +37,9 @@ def _rest_kernel(p, safe, top_p, top_idx, rest_p, stats, counter, n, k,
     if HAS_COUNTER:
         tl.atomic_add(counter, raw_sum)
     # c = the first minimiser of rest_c / (k - c), rest_c = (sum - cumsum(top_p)[c]) + top_p[c], c = 0..k-1.
-    best = float("inf")
-    c = 0
-    carried = 0.0
+    best = tl.full([], float("inf"), tl.float32)  # loop-carried scalars, typed as the loop makes them
+    c = tl.full([], 0, tl.int32)
+    carried = tl.full([], 0.0, tl.float32)
     for start in range(0, k, BLOCK):
         j = start + offsets
         ok = j < k
@@ -48,7 +48,7 @@ def _rest_kernel(p, safe, top_p, top_idx, rest_p, stats, counter, n, k,
         rest = tl.math.div_rn((safe_sum - cumulative) + top, (k - j).to(tl.float32))
         rest = tl.where(ok, rest, float("inf"))
         block_best = tl.min(rest, axis=0)
-        block_c = tl.argmin(rest, axis=0) + start
+        block_c = (tl.argmin(rest, axis=0) + start).to(tl.int32)
         c = tl.where(block_best < best, block_c, c)
         best = tl.minimum(block_best, best)
         carried += tl.sum(top, axis=0)

@@ -10,6 +10,7 @@ compared for equality against a stock model that computes attention the same way
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -145,6 +146,18 @@ def test_remove_restores_modules_forwards_state_and_attention(family, preset, sa
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == reference_grads.keys()
     assert all(torch.equal(grads[n], reference_grads[n]) for n in grads)
+
+
+@pytest.mark.parametrize("family,preset", CASES)
+def test_forward_signatures_unchanged(family, preset):
+    """Callers read them: transformers 4's Trainer passes num_items_in_batch only to a forward taking **kwargs."""
+    model = build_for_attention_sampling(family, preset)
+    before = {name: (type(m), inspect.signature(m.forward)) for name, m in model.named_modules()}
+    wtacrs.apply_wtacrs(model, sample_attention=True)
+    after = {name: (type(m), inspect.signature(m.forward)) for name, m in model.named_modules()}
+    kept = [name for name in before if name in after and after[name][0] is before[name][0]]  # not swapped
+    assert any("forward" in model.get_submodule(name).__dict__ for name in kept)  # some forwards were rebound
+    assert all(after[name] == before[name] for name in kept)
 
 
 def test_remove_from_an_unpatched_model_is_an_error():

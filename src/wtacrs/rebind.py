@@ -12,6 +12,7 @@ replaced calls. Undo deletes the instance attribute. ``torch.compile`` traces th
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 import weakref
@@ -143,6 +144,9 @@ class PatchedForward:
         self.replacements = replacements
         functions = replacements.functions()
         self._forward = rebound(type(module).forward, proxy_namespaces(functions), functions)
+        # The class forward's signature: callers read it (transformers 4's Trainer passes num_items_in_batch only
+        # to a forward that takes **kwargs).
+        self.__signature__ = inspect.signature(type(module).forward.__get__(module))
 
     def __call__(self, *args, **kwargs):
         return self.replacements.call(self.module, self._forward, args, kwargs)

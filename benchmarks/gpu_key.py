@@ -102,7 +102,6 @@ def make_plan(quick: bool, total_gib: float) -> Plan:
         spec.setdefault("second_batch", spec["batch"] // 2)
     plan = Plan(False, 128, 3, 1, models, "t5-base", list(models))
     ours = "lora+wta@0.3+masks+attn"
-    ours_llama = "lora+wta@0.3+attn"  # LLaMA has no ReLU or dropout for masks to shrink
     t = plan.tasks
     t += [Task("arm", "t5-base", a, "table", profile=True) for a in TABLE_ARMS]
     t += [Task("arm", "t5-base", a + "+compile", "table", profile=True) for a in ("lora", ours)]
@@ -112,14 +111,14 @@ def make_plan(quick: bool, total_gib: float) -> Plan:
     t += [Task("arm", "t5-large", "lora+wta@0.1+masks+attn", "frontier")]
     t += [Task("arm", "t5-base", "lora+budget@0.5", "frontier")]
     t += [Task("arm", "bert-base", a, "frontier") for a in ("lora", "lora+gc", "lora+sac", ours)]
-    t += [Task("arm", "llama-1b", a, "frontier") for a in ("lora", "lora+gc", "lora+sac", ours_llama)]
+    t += [Task("arm", "llama-1b", a, "frontier") for a in ("lora", "lora+gc", "lora+sac", ours)]
     t += _largest("t5-large", LIMITS_GIB[0])
     t += [Task("arm", "t5-base", a + "+compile", "table", profile=True) for a in TABLE_ARMS if a not in ("lora", ours)]
     t += [Task("arm", "t5-base", a, "frontier") for a in (
         ours + "+sac", ours + "+offload", ours + "+budget@0.5", "full+sac", "full+offload")]
-    for model, mine in (("t5-base", ours), ("t5-large", ours), ("bert-base", ours), ("llama-1b", ours_llama)):
+    for model in ("t5-base", "t5-large", "bert-base", "llama-1b"):
         queued = {task.arm for task in t if task.model == model and task.kind == "arm"}
-        t += [Task("arm", model, a, "frontier") for a in (*STOCK_ARMS, mine + "+compile") if a not in queued]
+        t += [Task("arm", model, a, "frontier") for a in (*STOCK_ARMS, ours + "+compile") if a not in queued]
     for model in ("t5-base", "t5-large"):
         t += _largest(model, LIMITS_GIB[1])
     return plan

@@ -287,7 +287,7 @@ def run_worker(spec: dict) -> dict:
 PRELOAD = ("torch", "transformers", "peft", "transformers.models.t5.modeling_t5",
            "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
            )
-_FORK_UNSAFE = "CUDA could not start in a process forked from the preloaded server"
+_FORK_UNSAFE = "no arm process could be forked from the preloaded server, or CUDA could not start in it"
 _use_subprocess = False
 
 
@@ -346,9 +346,13 @@ def run_arm(spec: dict, timeout: float | None = None) -> dict:
     global _use_subprocess
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # availability checks that leave CUDA unstarted
     if not _use_subprocess:
-        out = _run_forked(spec, timeout)
+        try:
+            out = _run_forked(spec, timeout)
+        except OSError as exc:  # the fork server could not start
+            out = {"error": f"{_FORK_UNSAFE}: {exc}"}
         if not str(out.get("error", "")).startswith(_FORK_UNSAFE):
             return {**spec, **out}
+        print(f"{out['error']}; each arm runs in a fresh interpreter from now on", file=sys.stderr, flush=True)
         _use_subprocess = True
     return {**spec, **_run_subprocess(spec, timeout)}
 

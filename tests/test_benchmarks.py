@@ -318,6 +318,15 @@ def test_overhead_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_arm_runs_in_a_fresh_interpreter_where_forking_fails(monkeypatch):
+    monkeypatch.setattr(memory_speed, "_use_subprocess", True)
+    spec = {"model": "t5-tiny", "arm": "lora+sac", "precision": "fp32", "device": "cpu", "batch_size": 2,
+            "seq_len": 16, "steps": 0, "warmup": 0}
+    fresh = memory_speed.run_arm(spec, timeout=300)
+    here = memory_speed.run_worker(spec)
+    assert fresh["saved_bytes"] == here["saved_bytes"] > 0 and fresh["attention"] == here["attention"]
+
+
 def test_bad_arguments_name_the_option():
     with pytest.raises(SystemExit):
         memory_speed.main(["--arms", "lora+wta@abc", "--out", "unused.json"])

@@ -170,15 +170,15 @@ def _graph_nodes(t: torch.Tensor) -> list:
 
 
 def test_patch_switches_to_eager_and_back():
-    model = _tiny("t5", attn="sdpa")
+    model = _tiny("bart", attn="sdpa")  # BART: SDPA on transformers 4 and 5 (T5 has it only from 5 on)
     undo = attention.patch_attention(model, 0.3)
     assert model.config._attn_implementation == "eager"
-    assert model.encoder.block[0].layer[0].SelfAttention.config._attn_implementation == "eager"
-    loss = model(**_batch("t5")).loss
+    assert model.model.encoder.layers[0].self_attn.config._attn_implementation == "eager"
+    loss = model(**_batch("bart")).loss
     assert any("SampledMatmul" in type(n).__name__ for n in _graph_nodes(loss))
     attention.unpatch(undo)
     assert model.config._attn_implementation == "sdpa"
-    assert model.encoder.block[0].layer[0].SelfAttention.config._attn_implementation == "sdpa"
+    assert model.model.encoder.layers[0].self_attn.config._attn_implementation == "sdpa"
 
 
 def test_eval_mode_runs_stock_matmuls():
@@ -207,11 +207,12 @@ def test_patch_rejects_bad_arguments():
 def test_patch_through_peft_switches_to_eager_and_back():
     import peft
 
-    model = peft.get_peft_model(_tiny("t5", attn="sdpa"), peft.LoraConfig(r=4, target_modules=["q", "k", "v"]))
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    model = peft.get_peft_model(_tiny("bart", attn="sdpa"), lora)
     undo = attention.patch_attention(model, 0.3)
-    inner = model.base_model.model.encoder.block[0].layer[0].SelfAttention
+    inner = model.base_model.model.model.encoder.layers[0].self_attn
     assert inner.config._attn_implementation == "eager"
-    loss = model(**_batch("t5")).loss
+    loss = model(**_batch("bart")).loss
     assert any("SampledMatmul" in type(n).__name__ for n in _graph_nodes(loss))
     attention.unpatch(undo)
     assert inner.config._attn_implementation == "sdpa"

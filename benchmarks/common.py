@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -241,9 +241,6 @@ class Arm:
         """Whether the arm samples (WTA-CRS): the library's own arms on the memory-throughput plane."""
         return self.budget is not None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 ARM_PARTS = "gc, sac, offload, masks, attn, compile, wta@B, budget@B"
 
@@ -313,7 +310,7 @@ def _aten_ops(names: tuple[str, ...]) -> frozenset:
     return frozenset(op.default for op in ops if op is not None and hasattr(op, "default"))
 
 
-#: SAC_POLICY keeps the outputs of these ops: matrix products (every linear layer, the attention matmuls of eager
+#: ``sac_policy`` keeps the outputs of these ops: matrix products (every linear layer, the attention matmuls of eager
 #: attention) and fused attention kernels. They are the expensive ops to recompute; everything else in a block
 #: (norms, activations, dropout, softmax, residual adds, reshapes) is cheap and recomputed in backward, replaying
 #: the forward's random state, so dropout masks come out the same.

@@ -24,7 +24,6 @@ task of its kind took) fits in what is left of ``--time-budget``; the rest are l
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time

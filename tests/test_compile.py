@@ -65,3 +65,17 @@ def test_inductor_gives_the_eager_loss_and_unbiased_gradients():
     sampled = [p.weight for p in model.modules() if isinstance(p, wtacrs.SampledLinear)]
     assert sampled and draws.std(0).max() > 0, "nothing was sampled"
     assert max_abs_z(draws, exact) <= z_threshold(exact.numel())
+
+
+def test_compiles_after_dynamo_aliased_torch_in_the_model_module(monkeypatch):
+    """Dynamo keeps an alias of each module a compiled frame imports (``__import_torch``) in the globals of the
+    frame it resumed or started in, such as ``modeling_bert`` after any earlier compile with a graph break there.
+    The patch's rebound copies of those globals must keep the alias the real module, or Dynamo's alias check
+    fails when it compiles the patched model."""
+    import transformers.models.bert.modeling_bert as modeling_bert
+
+    monkeypatch.setitem(modeling_bert.__dict__, "__import_torch", torch)
+    batch = tiny_batch("bert")
+    model = wtacrs.apply_wtacrs(tiny_model("bert"), 0.3)
+    torch._dynamo.reset()
+    torch.compile(model, backend="eager")(**batch).loss.backward()

@@ -68,6 +68,8 @@ def rebound(fn: types.FunctionType, namespaces: Mapping[int, types.ModuleType],
     by_function = {id(getattr(module, name)): fn_ for name, fn_ in replacements.items()
                    for module in (torch, F) if hasattr(module, name)}
     for name, value in fn.__globals__.items():
+        if name.startswith("__import_"):  # Dynamo's aliases of imported modules: they must stay the real modules
+            continue
         if id(value) in namespaces:
             globals_[name] = namespaces[id(value)]
         elif id(value) in by_function:

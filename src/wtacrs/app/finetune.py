@@ -626,8 +626,10 @@ def _device_name(device) -> str:
 def _versions() -> dict[str, str]:
     import importlib.metadata
 
-    versions = {"python": platform.python_version()}
-    for package in ("wtacrs", "torch", "transformers", "peft"):
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}  # with its build (+cpu, +cu130)
+    for package in ("wtacrs", "transformers", "peft"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

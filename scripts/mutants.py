@@ -11,8 +11,8 @@ of which test killed which mutant.
     python scripts/mutants.py --only winners-dropped draws-scale-x1.05
     python scripts/mutants.py --list
 
-A replacement that no longer matches the source (the code moved on) is reported as "stale" and fails the run, so
-the list is kept in step with the library.
+A pattern that no longer matches the source exactly once (the code moved on) is reported as "stale" and fails the
+run, so the list is kept in step with the library.
 """
 
 from __future__ import annotations
@@ -39,81 +39,48 @@ MODEL_CASES = ("tests/test_models_unbiased.py::test_mean_of_sampled_gradients_is
 class Mutant:
     name: str
     module: str  # under src/wtacrs
-    old: str  # must occur exactly once
-    new: str
+    old: str  # a regular expression that must match exactly once
+    new: str  # its replacement (``re.sub`` syntax)
     own: tuple[str, ...]  # the module's own test files: one of them must kill the mutant
     also: tuple[str, ...] = field(default=())  # further tests expected to kill it (model level)
 
 
 MUTANTS = [
-    Mutant("draws-scale-x1.05", "kernels/draws.py",
-           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)",
-           "scales = (1.05 * mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)",
+    Mutant("draws-scale-x1.05", "kernels/draws.py", r"scales = \(mass / ", "scales = (1.05 * mass / ",
            ("tests/test_sampling.py",), ("tests/test_ops.py", *MODEL_CASES)),
-    Mutant("winners-scale-x1.05", "kernels/draws.py",
-           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)",
-           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.05)",
-           ("tests/test_sampling.py",), ("tests/test_ops.py", *MODEL_CASES)),
-    Mutant("winners-dropped", "kernels/draws.py",
-           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 1.0)",
-           "scales = (mass / (draws_left[c] * safe.gather(-1, drawn))).masked_fill(is_winner, 0.0)",
-           ("tests/test_sampling.py",), ("tests/test_ops.py", *MODEL_CASES)),
-    Mutant("no-winners", "kernels/draws.py",
-           "c = torch.argmin(rest / draws_left, dim=-1, keepdim=True)",
-           "c = torch.zeros_like(torch.argmin(rest / draws_left, dim=-1, keepdim=True))",
-           ("tests/test_sampling.py",), MODEL_CASES),
-    Mutant("crs-scale-x1.05", "sampling.py",
-           "scales = p.sum(-1, keepdim=True) / (k * p.gather(-1, drawn))",
-           "scales = 1.05 * p.sum(-1, keepdim=True) / (k * p.gather(-1, drawn))",
-           ("tests/test_sampling.py",), ("tests/test_ops.py",)),
-    Mutant("uniform-scale-x1.05", "sampling.py",
-           "scales = torch.full(drawn.shape, p.shape[-1] / k,",
-           "scales = torch.full(drawn.shape, 1.05 * p.shape[-1] / k,",
-           ("tests/test_sampling.py",), ("tests/test_ops.py",)),
-    Mutant("nan-scales-dropped", "kernels/draws.py",
-           "scales = torch.where(mass.isnan(), math.nan, scales)",
-           "scales = scales",
-           ("tests/test_sampling.py",), ("tests/test_layers.py",)),
-    Mutant("scales-not-applied", "ops.py",
-           "kept_grad = grad_2d if indices is None else kernels.gather_scale_rows(grad_2d, indices, scales)",
-           "kept_grad = grad_2d if indices is None else grad_2d.index_select(0, indices)",
-           ("tests/test_ops.py",), MODEL_CASES),
-    Mutant("gradient-zeroed", "ops.py",
-           "grad_w = _as(rows2d.T @ kept_grad if ctx.transposed else kept_grad.T @ rows2d, weight.dtype)",
-           "grad_w = _as(rows2d.T @ kept_grad if ctx.transposed else kept_grad.T @ rows2d, weight.dtype) * 0",
+    Mutant("winners-scale-x1.05", "kernels/draws.py", r"\.masked_fill\(is_winner, 1\.0\)",
+           ".masked_fill(is_winner, 1.05)", ("tests/test_sampling.py",), ("tests/test_ops.py", *MODEL_CASES)),
+    Mutant("winners-dropped", "kernels/draws.py", r"\.masked_fill\(is_winner, 1\.0\)",
+           ".masked_fill(is_winner, 0.0)", ("tests/test_sampling.py",), ("tests/test_ops.py", *MODEL_CASES)),
+    Mutant("no-winners", "kernels/draws.py", r"c = (torch\.argmin\(rest / draws_left, dim=-1, keepdim=True\))",
+           r"c = torch.zeros_like(\1)", ("tests/test_sampling.py",), MODEL_CASES),
+    Mutant("crs-scale-x1.05", "sampling.py", r"scales = p\.sum\(-1, keepdim=True\) / ",
+           "scales = 1.05 * p.sum(-1, keepdim=True) / ", ("tests/test_sampling.py",), ("tests/test_ops.py",)),
+    Mutant("uniform-scale-x1.05", "sampling.py", r"torch\.full\(drawn\.shape, p\.shape\[-1\] / k",
+           "torch.full(drawn.shape, 1.05 * p.shape[-1] / k", ("tests/test_sampling.py",), ("tests/test_ops.py",)),
+    Mutant("nan-scales-dropped", "kernels/draws.py", r"scales = torch\.where\(mass\.isnan\(\), math\.nan, scales\)",
+           "pass", ("tests/test_sampling.py",), ("tests/test_layers.py",)),
+    Mutant("scales-not-applied", "ops.py", r"kernels\.gather_scale_rows\(grad_2d, indices, scales\)",
+           "grad_2d.index_select(0, indices)", ("tests/test_ops.py",), MODEL_CASES),
+    Mutant("gradient-zeroed", "ops.py", r"(grad_w = _as\(.*, weight\.dtype\))", r"\1 * 0",
            ("tests/test_ops.py",), ("tests/test_layers.py", "tests/test_learning.py", *MODEL_CASES)),
-    Mutant("full-input-kept", "ops.py",
-           "    if k >= n:\n        return KeptRows(x.detach().to(dtype), None, None, n)",
-           "    if True:\n        return KeptRows(x.detach().to(dtype), None, None, n)",
-           ("tests/test_ops.py",), ("tests/test_layers.py",)),
-    Mutant("needs-input-grad-guard-removed", "ops.py",
-           "        if ctx.needs_input_grad[0]:",
-           "        if True:",
+    Mutant("full-input-kept", "ops.py", r"    if k >= n:\n        return KeptRows\(",
+           "    if True:\n        return KeptRows(", ("tests/test_ops.py",), ("tests/test_layers.py",)),
+    Mutant("needs-input-grad-guard-removed", "ops.py", r"        if ctx\.needs_input_grad\[0\]:", "        if True:",
            ("tests/test_ops.py",)),
-    Mutant("floor-removed-row-scores", "ops.py",
-           "return norms * torch.maximum(row_scores, row_scores.mean() * floor)",
-           "return norms * row_scores",
-           ("tests/test_ops.py",), ("tests/test_hf_integration.py",)),
-    Mutant("floor-removed-token-stats", "kernels/stats.py",
-           "return table, torch.where(seen, table, mean).clamp_min(mean * floor)",
-           "return table, torch.where(seen, table, mean)",
+    Mutant("floor-removed-row-scores", "ops.py", r"torch\.maximum\(row_scores, row_scores\.mean\(\) \* floor\)",
+           "row_scores", ("tests/test_ops.py",), ("tests/test_hf_integration.py",)),
+    Mutant("floor-removed-token-stats", "kernels/stats.py", r"\.clamp_min\(mean \* floor\)", "",
            ("tests/test_gradstats.py",)),
-    Mutant("token-stats-wrong-tokens", "kernels/rows.py",
-           "return per_row.new_zeros(vocab_size, 2).index_add_(0, ids, per_row)",
-           "return per_row.new_zeros(vocab_size, 2).index_add_(0, ids.roll(1), per_row)",
-           ("tests/test_gradstats.py",)),
-    Mutant("nan-not-reported", "health.py",
-           "        if bad:\n            self.reset()",
-           "        if False:\n            self.reset()",
+    Mutant("token-stats-wrong-tokens", "kernels/rows.py", r"index_add_\(0, ids, per_row\)",
+           "index_add_(0, ids.roll(1), per_row)", ("tests/test_gradstats.py",)),
+    Mutant("nan-not-reported", "health.py", r"        if bad:\n", "        if False:\n",
            ("tests/test_health.py",), ("tests/test_layers.py",)),
-    Mutant("shared-sample-for-another-input", "sampler.py",
-           "last is not None and last[0] is x and last[1] == settings",
-           "last is not None and last[1] == settings",
-           ("tests/test_hf_integration.py",)),
+    Mutant("shared-sample-for-another-input", "sampler.py", r"last is not None and last\[0\] is x and ",
+           "last is not None and ", ("tests/test_hf_integration.py",)),
     Mutant("attention-operand-kept-whole", "attention.py",
-           "            a_saved = (a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1)),)",
-           "            a_saved = (a3.gather(2, indices.unsqueeze(1).expand(-1, m, -1)), a3.clone())",
-           ("tests/test_attention.py",)),
+           r"(a_saved = \(a3\.gather\(2, indices\.unsqueeze\(1\)\.expand\(-1, m, -1\)\)),\)",
+           r"\1, a3.clone())", ("tests/test_attention.py",)),
 ]
 
 
@@ -132,6 +99,11 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> dict[str, str]:
             failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
             results[test] = failed[0] if failed else f"exit {proc.returncode}"
     return results
+
+
+def _torch_version() -> str:
+    return subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                          text=True).stdout.strip()
 
 
 def short(test: str) -> str:
@@ -161,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             copy = Path(tmp)
             shutil.copytree(ROOT / "src" / "wtacrs", copy / "wtacrs")
             target = copy / "wtacrs" / mutant.module
-            source = target.read_text()
-            if source.count(mutant.old) != 1:
-                lines.append(f"{mutant.name}: STALE (the replaced text occurs {source.count(mutant.old)} times in "
-                             f"{mutant.module})")
+            mutated, matches = re.subn(mutant.old, mutant.new, target.read_text())
+            if matches != 1:
+                lines.append(f"{mutant.name}: STALE (its pattern matches {matches} times in {mutant.module})")
+                print(lines[-1], flush=True)
                 ok = False
                 continue
-            target.write_text(source.replace(mutant.old, mutant.new))
+            target.write_text(mutated)
             results = run_tests(copy, mutant.own + mutant.also)
         own_killed = any(results[t] for t in mutant.own)
         also_survived = [t for t in mutant.also if not results[t]]
@@ -183,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     print(lines[-1])
     if args.out:
         command = "python scripts/mutants.py" + (f" --only {' '.join(args.only)}" if args.only else "")
-        args.out.write_text(f"$ {command}\n" + "\n".join(lines) + "\n")
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        args.out.write_text(f"$ {command}\n# {when}, commit {commit}, {os.cpu_count()} CPU cores, "
+                            f"torch {_torch_version()}\n" + "\n".join(lines) + "\n")
     return 0 if ok else 1
 
 

@@ -93,8 +93,9 @@ def apply_wtacrs(
             "level 2". This approximates activation gradients too (unbiased, more variance) and switches the
             model to eager attention (``wtacrs.attention``).
 
-    A NaN or Inf in a sampled layer's input makes that step's weight gradients NaN (as without sampling) and
-    raises ``wtacrs.NonFiniteInputError`` when a later forward begins (``wtacrs.health``).
+    A NaN or Inf in a sampled layer's input makes that step's weight gradients NaN (as without sampling), and
+    ``loss.backward()`` raises ``wtacrs.NonFiniteInputError``: in that step on CPU, in the next one on CUDA, where
+    the check reads a copy that has landed instead of waiting for the device (``wtacrs.health``).
 
     Applying again with the same settings does nothing; with other settings it is an error (call
     ``remove_wtacrs`` first).

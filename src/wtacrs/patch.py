@@ -13,6 +13,7 @@ from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from .distributed import check_patchable, unwrap
@@ -196,7 +197,10 @@ def _begin_batch(model: nn.Module, args: tuple, kwargs: dict):
         prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
         if callable(prepare) and getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False):
             decoder_ids = partial(prepare, labels=labels)  # made when a decoder layer first needs them
-    getattr(model, _STATE_ATTR).sampler.begin_batch(
+    sampler = getattr(model, _STATE_ATTR).sampler
+    if isinstance(ids, Tensor) and model.training and torch.is_grad_enabled():
+        sampler.probe(ids.device)  # made here, before any sampled layer runs (see RowSampler._new_probe)
+    sampler.begin_batch(
         ids if isinstance(ids, Tensor) else None,
         decoder_ids if isinstance(decoder_ids, (Tensor, partial)) else None,
         example_ids,

@@ -70,9 +70,17 @@ class RowSampler:
         """The probe on ``device``: (V, 2) with token statistics, else (1, 2)."""
         probe = self._probe
         if probe is None or probe.device != device:
-            rows = self.stats.vocab_size if self.stats is not None else 1
-            probe = self._probe = torch.zeros(rows, 2, device=device, requires_grad=True)
-            probe.register_post_accumulate_grad_hook(self._after_backward)
+            probe = self._new_probe(device)
+        return probe
+
+    @torch.compiler.disable
+    def _new_probe(self, device: torch.device) -> Tensor:
+        # A leaf that needs a gradient and carries a hook is made outside any compiled graph. The patched model's
+        # forward pre-hook asks for it first (``wtacrs.patch``), so a compiled first step breaks the graph there,
+        # at the top, and not inside a sampled or rebound forward.
+        rows = self.stats.vocab_size if self.stats is not None else 1
+        probe = self._probe = torch.zeros(rows, 2, device=device, requires_grad=True)
+        probe.register_post_accumulate_grad_hook(self._after_backward)
         return probe
 
     def _after_backward(self, probe: Tensor) -> None:

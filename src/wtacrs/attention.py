@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .health import Health
-from .masks import compact_dropout, dropout_with_mask, rebuild_dropout
+from .masks import ModuleSwap, compact_dropout, dropout_with_mask, rebuild_dropout
 from .rebind import Replacements, calls_any, set_forward
 from .sampling import DEFAULT_MIN_ROWS, Method, check_budget, check_method, check_min_rows, draw, num_kept_rows
 
@@ -258,6 +258,20 @@ class AttentionFunctions(Replacements):
         return _sampled_matmul(input, other, self.budget, self.method, self.generator, self.min_rows, counter=counter)
 
 
+class AttentionDropout(nn.Dropout):
+    """An attention module's own ``nn.Dropout``, routed through ``AttentionFunctions.dropout`` as a functional
+    dropout call in its forward is: so ``attn · V`` keeps the dropped-out attention matrix whole (rebuilt from the
+    softmax output) also where the forward calls ``self.dropout(attention_probs)`` (BERT on transformers 4)."""
+
+    def __init__(self, module: nn.Dropout, functions: AttentionFunctions) -> None:
+        super().__init__(module.p, module.inplace)
+        self.train(module.training)
+        self.functions = functions
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.functions.dropout(x, self.p, self.training, self.inplace)
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The innermost modules whose class name ends in ``Attention`` (e.g. ``T5Attention``, ``BertSelfAttention``)."""
     found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
@@ -345,6 +359,11 @@ def patch_attention(
     owner, previous = _ensure_eager(model, modules)
     functions = AttentionFunctions(budget, method, min_rows, compact_dropout, generator, health)
     swaps = [set_forward(m, functions) for m in modules]
+    for m in modules:
+        for name, child in list(m._modules.items()):
+            if type(child) is nn.Dropout:
+                m._modules[name] = AttentionDropout(child, functions)
+                swaps.append(ModuleSwap(m, name, child))
     setattr(model, _MARK_ATTR, True)
     return _AttentionUndo(model, swaps, owner, previous)
 

@@ -205,7 +205,9 @@ FUNCTIONAL_NAMES = {"dropout", "relu", "relu_"}
 _MARK_ATTR = "_wtacrs_compact_masks"
 
 
-class _ModuleSwap:
+class ModuleSwap:
+    """Undo record of a child module replaced in place."""
+
     def __init__(self, parent: nn.Module, name: str, old: nn.Module) -> None:
         self.parent, self.name, self.old = parent, name, old
 
@@ -242,7 +244,7 @@ def patch_compact_masks(model: nn.Module) -> list:
             else:
                 continue
             module._modules[child_name] = new
-            undo.append(_ModuleSwap(module, child_name, child))
+            undo.append(ModuleSwap(module, child_name, child))
     functions = CompactFunctions()
     for module in model.modules():
         if "forward" not in module.__dict__ and calls_any(type(module).forward, FUNCTIONAL_NAMES):

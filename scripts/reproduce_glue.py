@@ -108,6 +108,11 @@ def finetune_command(model: str, task: str, arm: str, size: Size, data_root: Pat
     ]
 
 
+def _portable(command: str) -> str:
+    """A command line with this checkout's paths relative to the repository (results files travel)."""
+    return command.replace(f"{ROOT}/", "").replace(f"{ROOT.parent}/", "../")
+
+
 def _settings_of(argv: list[str]) -> list[str]:
     """The options of a finetune command that decide its results (not where it writes them)."""
     return argv[argv.index("--model"):argv.index("--out")]
@@ -153,7 +158,7 @@ def _experiment(model: str, task: str, arm: str, finetune_doc: dict) -> dict:
     return {
         "model": model, "model_label": finetune_doc["model"], "task": task, "task_title": exp["task_title"],
         "score_kind": exp["score_kind"], "arm": arm, "arm_title": ARMS[arm][0], "method": exp["method"],
-        "config": finetune_doc["config"], "data": finetune_doc["data"], "command": finetune_doc["command"],
+        "config": finetune_doc["config"], "data": finetune_doc["data"], "command": _portable(finetune_doc["command"]),
         "device": finetune_doc["device"], "date": finetune_doc["date"],
         "load_average_1min": finetune_doc["load_average_1min"], "runs": exp["runs"],
     }

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-newest test-oldest venv
+.PHONY: demo mutants test test-newest test-oldest venv
 
 venv: $(STAMP)
 
@@ -47,3 +47,7 @@ test:  # both runs, even when the first fails
 
 test-newest test-oldest: test-%: .venv-%/.installed
 	.venv-$*/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The mutation check (scripts/mutants.py): each deliberate fault in a copy of src/wtacrs must fail its tests.
+mutants: .venv-newest/.installed
+	.venv-newest/bin/python scripts/mutants.py $(MUTANTS_ARGS)

@@ -79,3 +79,31 @@ def test_compiles_after_dynamo_aliased_torch_in_the_model_module(monkeypatch):
     model = wtacrs.apply_wtacrs(tiny_model("bert"), 0.3)
     torch._dynamo.reset()
     torch.compile(model, backend="eager")(**batch).loss.backward()
+
+
+def test_compiling_warns_about_nothing_of_ours():
+    """Dynamo warns when it traces an ``lru_cache``-wrapped function; the constant helpers (slot numbers, bit
+    shifts, dropout's kept value) are cached in eager mode only. In a fresh interpreter: Dynamo warns once per
+    process."""
+    import subprocess
+    import sys
+
+    code = """
+import warnings, torch, wtacrs
+warnings.simplefilter("always")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 4))
+wtacrs.apply_wtacrs(model, 0.3, targets="all-linear")
+x = torch.randn(64, 16)
+model(x).sum().backward()
+torch.compile(model, backend="eager")(x).sum().backward()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_constant_helpers_are_cached_in_eager_mode():
+    from wtacrs.kernels.draws import _slot_constants
+
+    assert _slot_constants(7, torch.device("cpu")) is _slot_constants(7, torch.device("cpu"))

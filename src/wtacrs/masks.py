@@ -30,13 +30,13 @@ and dropout inside fused kernels such as SDPA (which saves no mask on GPU).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import masked_grad, pack_bits, relu_with_mask
+from .kernels.dispatch import device_constant
 from .rebind import Replacements, calls_any, set_forward
 
 __all__ = [
@@ -83,7 +83,7 @@ def _dropout_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
     return x * noise, packed, _kept_value(p, x.dtype, x.device)
 
 
-@functools.lru_cache(maxsize=64)
+@device_constant
 def _kept_value(p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``1 / (1 - p)`` as a 0-d tensor, rounded as dropout's ``div_`` rounds it in ``dtype`` (made once)."""
     return torch.ones((), dtype=dtype, device=device).div_(1.0 - p)

@@ -3,13 +3,12 @@ fused steps around them (ReLU that also packs its mask; a gradient passed throug
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import TRITON_FLOATS, use_triton
+from .dispatch import TRITON_FLOATS, device_constant, use_triton
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -50,7 +49,7 @@ def unpack_bits_reference(packed: Tensor, numel: int) -> Tensor:
     return ((packed.unsqueeze(1) >> _shifts(packed.device)) & 1).view(-1)[:numel].bool()
 
 
-@functools.lru_cache(maxsize=8)
+@device_constant
 def _shifts(device: torch.device) -> Tensor:
     """``arange(8)`` as uint8 on ``device``, made once."""
     return torch.arange(8, dtype=torch.uint8, device=device)

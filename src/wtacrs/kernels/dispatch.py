@@ -6,7 +6,12 @@ import functools
 import os
 
 import torch
+from collections.abc import Callable
+from typing import TypeVar
+
 from torch import Tensor
+
+T = TypeVar("T")
 
 #: Floating-point dtypes the Triton kernels take; others (float64) go to the references.
 TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,3 +41,16 @@ def use_triton(*tensors: Tensor) -> bool:
     if interpreting():
         return all(t.device.type in ("cpu", "cuda") for t in tensors)
     return all(t.is_cuda for t in tensors)
+
+
+def device_constant(make: Callable[..., T]) -> Callable[..., T]:
+    """Cache ``make(*args)`` (a small constant tensor) per arguments in eager mode, saving its kernel launches on
+    every call; under ``torch.compile`` call ``make`` itself, which the compiler folds into the graph (Dynamo
+    would trace through the cache anyway, warning about it)."""
+    cached = functools.lru_cache(maxsize=64)(make)
+
+    @functools.wraps(make)
+    def get(*args):
+        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return get

@@ -8,13 +8,12 @@ slots (index, scale), and can gather the kept rows of an input at once.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
-from .dispatch import TRITON_FLOATS, use_triton
+from .dispatch import TRITON_FLOATS, device_constant, use_triton
 
 
 def wta_crs_rest(p: Tensor, safe: Tensor, top_p: Tensor, top_idx: Tensor,
@@ -79,7 +78,7 @@ def wta_crs_slots_reference(safe: Tensor, top_idx: Tensor, drawn: Tensor, stats:
     return indices, scales, rows if dtype is None or rows.dtype == dtype else rows.to(dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@device_constant
 def _slot_constants(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``arange(k)`` and ``k - arange(k)`` (float32) on ``device``, made once per (k, device)."""
     slots = torch.arange(k, device=device)

@@ -125,6 +125,8 @@ def test_t5_base_shapes_linear_sampling_keeps_only_the_sampled_rows():
             assert kinds[kind] <= mask_bound(stock, kind), (base, kind)
         assert kinds["attention"] < stock_kinds["attention"]
         assert kinds["norm"] == stock_kinds["norm"]  # sampling and masks leave the norms' saves alone
+        # The 1-bit LoRA-dropout mask that a sampled lora_A shares with its dropout is not a linear input.
+        assert ours.shared_linear_inputs() == [], base
 
 
 FOLDER_FAMILIES = ["t5", "bert", "opt", "gpt2", "llama",  # the families wtacrs memory knew by name

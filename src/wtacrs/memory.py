@@ -128,8 +128,11 @@ class SavedReport:
         return out
 
     def shared_linear_inputs(self) -> list[SavedItem]:
-        """Linear-layer inputs that another op keeps whole anyway (sampling those layers saves nothing)."""
-        return [item for item in self.items if item.kind != "linear" and "linear" in _node_kinds(item.nodes)]
+        """Linear-layer inputs that another op keeps whole anyway (sampling those layers saves nothing). Only
+        floating-point tensors: a 1-bit dropout mask or a scalar that a sampled layer shares with another op is no
+        input."""
+        return [item for item in self.items if item.kind != "linear" and "linear" in _node_kinds(item.nodes)
+                and item.shape != () and getattr(torch, item.dtype).is_floating_point]
 
     def to_dict(self) -> dict:
         return {"total": self.total, "by_kind": self.by_kind(),

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The benchmarks are scripts beside the package, not part of it.
 sys.path.insert(0, str(REPO))
 
-from benchmarks import common, gpu_key, memory_speed, overhead, report, variance  # noqa: E402
+from benchmarks import common, gpu_key, gradient_noise, memory_speed, overhead, report, variance  # noqa: E402
 
 
 def _check_meta(meta: dict) -> None:
@@ -316,6 +316,33 @@ def test_overhead_smoke(tmp_path):
     assert all(r["median_s"] > 0 and r["ratio"] > 0 for r in result["layers"])
     assert result["e2e"][0]["arm"] == "lora+wta@0.3" and result["e2e"][0]["ratio"] > 0
     assert "sampled_linear fwd+bwd" in overhead.table(result)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.3])
+def test_gradient_noise_smoke(tmp_path, tiny_bert, monkeypatch, budget):
+    """At budget 1 every arm's sampled gradient is its exact one; at 0.3 each arm's sampled weights get noise."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    words = {1: ["great", "fine", "lovely"], 0: ["awful", "dull", "weak"]}
+    (tmp_path / "senteval").mkdir()
+    (tmp_path / "senteval" / "train.tsv").write_text(
+        "".join(f"{i % 2}\ta {words[i % 2][i % 3]} film , number {i}\n" for i in range(40)))
+    (tmp_path / "senteval" / "dev.tsv").write_text("1\tgood\n0\tbad\n")
+    out = tmp_path / "noise.json"
+    argv = ["--model", str(tiny_bert), "--tasks", "sst2", "--data-root", str(tmp_path), "--batch-size", "8",
+            "--draws", "3", "--batches", "2", "--warmup", "2", "--budget", str(budget), "--out", str(out)]
+    assert gradient_noise.main(argv) == 0
+    result = json.loads(out.read_text())
+    _check_meta(result["meta"])
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert list(rows) == list(gradient_noise.ARMS)
+    for row in rows.values():
+        assert row["all"]["sgd"] > 0 and row["sampled"]["sgd"] > 0
+        if budget == 1.0:
+            assert row["all"]["sampling"] < 1e-12 and row["sampled"]["sampling"] < 1e-12, row
+        else:
+            assert row["sampled"]["sampling"] > 1e-7, row
+    assert f"| sst2 | LoRA+WTA-CRS@{budget:g} (default) |" in gradient_noise.table(result)
     assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -23,21 +23,6 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("WTACRS_CACHE", str(tmp_path / "no-cache"))  # never fetch the built-in task here
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-32 BERT with MiniLM's tokenizer, random weights, saved as a local model folder."""
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(MINILM / name, folder / name)
-    return folder
-
-
 @pytest.fixture
 def sst_dir(tmp_path) -> Path:
     """A small SST-2 folder (label<TAB>sentence): 48 train, 16 eval sentences."""

@@ -24,7 +24,7 @@ whose file exists with the same settings is not repeated, so an interrupted run 
 
 The results file (default ``results/glue_cpu.json``, or ``results/glue_gpu.json`` with ``--gpu``) holds every
 run and a summary per model: per task the mean score over seeds with its standard error, the average over
-tasks, and each arm's gap to LoRA. The gap is paired by seed: seed s of an arm and seed s of LoRA start from
+tasks, and each arm's gap to LoRA (Full+WTA-CRS's also to Full). The gap is paired by seed: seed s of an arm and seed s of LoRA start from
 the same head and LoRA weights and see the same batches in the same order, so the per-seed differences cancel
 that shared part; its standard error is that of the mean difference. Standard errors of averages over tasks
 combine the per-task ones (tasks are independent runs). The Markdown table goes beside it (``.md``).
@@ -93,7 +93,8 @@ SIZES = {
     # 48 steps of 16 at LoRA lr 2e-3: enough for MiniLM to learn SST-2 and MR on CPU (at 12 steps of 32 it did not).
     ("minilm", "cpu"): Size(max_train=768, max_eval=400, epochs=1, batch_size=16, max_length=64, max_length_pairs=96,
                             lora_lr=2e-3),
-    ("smollm2", "cpu"): Size(max_train=96, max_eval=96, epochs=1, batch_size=16, max_length=40, max_length_pairs=96),
+    ("smollm2", "cpu"): Size(max_train=512, max_eval=200, epochs=1, batch_size=16, max_length=40, max_length_pairs=96,
+                             lora_lr=2e-3),
     ("minilm", "gpu"): Size(max_train=1500, max_eval=1000, epochs=2, batch_size=32, max_length=128, max_length_pairs=128),
     ("smollm2", "gpu"): Size(max_train=1000, max_eval=500, epochs=1, batch_size=16, max_length=64, max_length_pairs=128),
 }
@@ -215,7 +216,8 @@ def _combine(parts: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def summarize(experiments: list[dict]) -> dict:
-    """Per model: tasks, and per arm the per-task (mean, se), the average over tasks, and the paired gap to LoRA
+    """Per model: tasks, and per arm the per-task (mean, se), the average over tasks, and the paired gap to LoRA (and
+    to Full for full fine-tuning with sampling)
     per task and on average (only over tasks every arm of that model has finished)."""
     out = {}
     for model in dict.fromkeys(e["model"] for e in experiments):
@@ -233,13 +235,15 @@ def summarize(experiments: list[dict]) -> dict:
                        r["saved_activation_bytes"] / 2**20 for e in mine if e["arm"] == arm for r in e["runs"])}
             if tasks:
                 row["average"] = dict(zip(("mean", "se"), _combine(list(per_task.values()))))
-            if arm != "lora" and "lora" in arms and tasks:
+            # Every arm against LoRA; full fine-tuning with sampling also against full fine-tuning.
+            for base in [b for b in ("lora", "full") if b in arms and b != arm and tasks
+                         and (b == "lora" or arm.startswith(b))]:
                 gaps = {}
                 for t in tasks:
-                    seeds = sorted(set(cells[(arm, t)]) & set(cells[("lora", t)]))
-                    gaps[t] = _mean_se([cells[(arm, t)][s] - cells[("lora", t)][s] for s in seeds])
-                row["gap_to_lora"] = {t: {"mean": m, "se": s} for t, (m, s) in gaps.items()}
-                row["gap_to_lora_average"] = dict(zip(("mean", "se"), _combine(list(gaps.values()))))
+                    seeds = sorted(set(cells[(arm, t)]) & set(cells[(base, t)]))
+                    gaps[t] = _mean_se([cells[(arm, t)][s] - cells[(base, t)][s] for s in seeds])
+                row[f"gap_to_{base}"] = {t: {"mean": m, "se": s} for t, (m, s) in gaps.items()}
+                row[f"gap_to_{base}_average"] = dict(zip(("mean", "se"), _combine(list(gaps.values()))))
             rows.append(row)
         titles = {e["task"]: e["task_title"] for e in mine}
         out[model] = {"model_label": mine[0]["model_label"], "tasks": tasks, "task_titles": titles, "rows": rows}
@@ -247,7 +251,7 @@ def summarize(experiments: list[dict]) -> dict:
 
 
 def table(document: dict) -> str:
-    """Markdown: per model, arms x tasks (mean ± standard error over seeds), the average, the paired gap to LoRA."""
+    """Markdown: per model, arms x tasks (mean ± standard error over seeds), the average, the paired gaps."""
     lines = []
     for model, part in document["summary"].items():
         tasks = part["tasks"]
@@ -256,21 +260,22 @@ def table(document: dict) -> str:
                      f"{size['max_train']} examples, eval {size['max_eval']}, {size['epochs']} epoch(s); "
                      f"{document['device']})")
         lines.append("")
-        header = ["arm"] + [part["task_titles"][t] for t in tasks] + ["avg", "gap to LoRA", "saved act. MiB",
-                                                                     "train s/run"]
+        header = ["arm"] + [part["task_titles"][t] for t in tasks] + ["avg", "gap to LoRA", "gap to Full",
+                                                                     "saved act. MiB", "train s/run"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in part["rows"]:
             cells = [row["title"]] + [_pm(row["tasks"][t]) for t in tasks]
             cells.append(_pm(row["average"]) if "average" in row else "–")
-            gap = row.get("gap_to_lora_average")
-            cells.append("–" if gap is None else f"{gap['mean']:+.1f} ± {gap['se']:.1f}")
+            for base in ("lora", "full"):
+                gap = row.get(f"gap_to_{base}_average")
+                cells.append("–" if gap is None else f"{gap['mean']:+.1f} ± {gap['se']:.1f}")
             cells += [f"{row['saved_activation_mib']:.0f}", f"{row['train_time_s']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("Score: GLUE metric x 100 (accuracy; CoLA Matthews; MRPC mean of F1 and accuracy; STS-B mean of "
                  "Pearson and Spearman), best epoch on the eval split, mean ± standard error over seeds. Gap: mean "
-                 "over tasks of the per-seed difference to LoRA (paired by seed) ± its standard error. Saved act.: "
-                 "bytes autograd keeps for the first training batch.")
+                 "over tasks of the per-seed difference to LoRA (or to Full; paired by seed) ± its standard error. "
+                 "Saved act.: bytes autograd keeps for the first training batch.")
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ def _fake_finetune(calls: list, scores: dict):
 
 
 def test_parallel_runs_keep_the_plan_order_resume_and_pair_the_gap_by_seed(tmp_path, monkeypatch):
-    tasks, arms = ["sst2", "rte"], ["lora", "lora-wtacrs", "full"]
+    tasks, arms = ["sst2", "rte"], ["lora", "lora-wtacrs", "full", "full-wtacrs"]
     shared, own = {0: 0.0, 1: 5.0, 2: 1.0}, {0: 1.0, 1: 0.0, 2: 2.0}  # per seed: common to all arms / per arm
     scores = {(t, a): {s: 50 + 10 * i + shared[s] + j * own[s] for s in glue.SEEDS}
               for i, t in enumerate(tasks) for j, a in enumerate(arms)}
@@ -77,12 +77,13 @@ def test_parallel_runs_keep_the_plan_order_resume_and_pair_the_gap_by_seed(tmp_p
     doc = json.loads((tmp_path / "glue.json").read_text())
     assert [(e["task"], e["arm"]) for e in doc["experiments"]] == [(t, a) for t in tasks for a in arms]
     rows = {r["arm"]: r for r in doc["summary"]["minilm"]["rows"]}
-    for arm in ("lora-wtacrs", "full"):
+    for arm, base in [("lora-wtacrs", "lora"), ("full", "lora"), ("full-wtacrs", "lora"), ("full-wtacrs", "full")]:
         for t in tasks:
-            diffs = [scores[(t, arm)][s] - scores[(t, "lora")][s] for s in glue.SEEDS]
-            gap = rows[arm]["gap_to_lora"][t]
+            diffs = [scores[(t, arm)][s] - scores[(t, base)][s] for s in glue.SEEDS]
+            gap = rows[arm][f"gap_to_{base}"][t]
             assert gap["mean"] == pytest.approx(statistics.fmean(diffs))
             assert gap["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(len(diffs)))
+    assert [a for a, r in rows.items() if "gap_to_full" in r] == ["full-wtacrs"]
     assert "| LoRA |" in (tmp_path / "glue.md").read_text()
     # Run again: every results file is there with the same settings, so nothing is trained twice.
     assert glue.main(argv) == 0

@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml Makefile
 # probabilities and compact masks); each arm in its own process (so each peak RSS is its own), then the table and
 # the plot. results/demo/ holds a committed copy of its output.
 DEMO_OUT ?= runs/demo
-DEMO_ARGS := --task movies --max-train 800 --max-eval 400 --max-length 64 --batch-size 32 --epochs 1 --seeds 0 1 2
+DEMO_ARGS := --task movies --max-train 800 --max-eval 400 --max-length 64 --batch-size 16 --lr 2e-3 --epochs 1 \
+	--seeds 0 1 2
 DEMO_ARMS := lora lora-gc lora-wtacrs
 DEMO_OPTS_lora := --method lora
 DEMO_OPTS_lora-gc := --method lora --gc

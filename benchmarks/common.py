@@ -71,7 +71,12 @@ def settings_dict(args) -> dict:
     for key, value in vars(args).items():
         if isinstance(value, Path):
             resolved = value.resolve()
-            value = str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(value)
+            if resolved.is_relative_to(REPO_ROOT):
+                value = str(resolved.relative_to(REPO_ROOT))
+            elif resolved.is_relative_to(REPO_ROOT.parent):  # ../shared/data beside the repository
+                value = str(Path("..") / resolved.relative_to(REPO_ROOT.parent))
+            else:
+                value = str(value)
         out[key] = value
     return out
 

@@ -150,22 +150,24 @@ def plot(result: dict, path: Path) -> Path:
 
     rows = result["rows"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 + 4 * len(tasks), 4), squeeze=False, sharey=True)
+    bars = ((-0.3, "all", "sampling", "tab:blue", "all trainable entries: sampling noise"),
+            (-0.1, "all", "sgd", "tab:gray", "all trainable entries: SGD noise"),
+            (0.1, "sampled", "sampling", "tab:orange", "sampled weights: sampling noise"),
+            (0.3, "sampled", "sgd", "silver", "sampled weights: SGD noise"))
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task]
-        y = range(len(mine))
-        for shift, part, kind, color in ((-0.3, "all", "sampling", "tab:blue"), (-0.1, "all", "sgd", "tab:gray"),
-                                         (0.1, "sampled", "sampling", "tab:orange"),
-                                         (0.3, "sampled", "sgd", "silver")):
-            ax.barh([i + shift for i in y], [r[part][kind] for r in mine], height=0.2, color=color,
-                    label=f"{'sampled weights' if part == 'sampled' else 'all entries'}: {kind.replace('sgd', 'SGD')}")
-        ax.set_yticks(list(y), [r["title"] for r in mine])
+        for shift, part, kind, color, label in bars:
+            ax.barh([i + shift for i in range(len(mine))], [r[part][kind] for r in mine], height=0.2, color=color,
+                    label=label)
+        ax.set_yticks(range(len(mine)), [r["title"] for r in mine])
         ax.set_xscale("log")
-        ax.set_xlabel("relative MSE of the trainable gradient (log)")
+        ax.set_xlabel("relative MSE of the gradient (log)")
         ax.set_title(task)
-        ax.invert_yaxis()
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    axes[0][0].invert_yaxis()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

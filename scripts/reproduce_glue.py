@@ -147,7 +147,9 @@ def run_all(args: argparse.Namespace) -> dict:
         argv = finetune_command(model, task, arm, sizes(args)[model], Path(args.data_root), out, args.device)
         done = json.loads(out.read_text()) if out.is_file() else None
         if done is None or done.get("settings") != _settings_of(argv):
-            print(f"[{time.perf_counter() - started:7.0f} s] {model} {task} {arm}", flush=True)
+            # One write per line: with --jobs, threads print at once.
+            sys.stdout.write(f"[{time.perf_counter() - started:7.0f} s] {model} {task} {arm}\n")
+            sys.stdout.flush()
             out.parent.mkdir(parents=True, exist_ok=True)
             result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
             if result.returncode != 0:

@@ -360,3 +360,12 @@ def test_bad_arguments_name_the_option():
         memory_speed.main(["--arms", "lora+wta@abc", "--out", "unused.json"])
     with pytest.raises(SystemExit):
         variance.main(["--mc-trials", "1"])
+
+
+def test_settings_name_paths_beside_the_repository_relative_to_it():
+    import argparse
+
+    args = argparse.Namespace(out=REPO / "results" / "x.json", data_root=REPO.parent / "shared" / "data",
+                              other=Path("/elsewhere/file"), n=3)
+    assert common.settings_dict(args) == {"out": "results/x.json", "data_root": "../shared/data",
+                                          "other": "/elsewhere/file", "n": 3}

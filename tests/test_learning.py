@@ -40,7 +40,7 @@ def train(family: str, style: str, mode: str) -> tuple[float, float]:
     for _ in range(STEPS + 1):
         optimizer.zero_grad(set_to_none=True)
         loss = model(**batch).loss
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         loss.backward()
         optimizer.step()
     return losses[0], losses[-1]

@@ -1,6 +1,6 @@
 """The paper's accuracy table on real models: LoRA vs LoRA+WTA-CRS@0.3 (and four more arms), 3 seeds, GLUE tasks.
 
-    python scripts/reproduce_glue.py                    # CPU-sized (default): see "Time" below
+    python scripts/reproduce_glue.py --jobs 2           # CPU-sized (default): see "Time" below
     python scripts/reproduce_glue.py --gpu              # GPU-sized: larger caps, for one H100
     python scripts/reproduce_glue.py --table results/glue_cpu.json     # the table of a results file
 
@@ -29,10 +29,11 @@ the same head and LoRA weights and see the same batches in the same order, so th
 that shared part; its standard error is that of the mean difference. Standard errors of averages over tasks
 combine the per-task ones (tasks are independent runs). The Markdown table goes beside it (``.md``).
 
-Time. CPU: about 4.5 CPU-hours in all (MiniLM about 3, SmolLM2 about 1.5; estimated from single runs on 2 shared
-cores), so 3-4 hours where the 2 cores are mostly free; the results file records the wall time it took. GPU
-(estimated, not measured): MiniLM's 108 runs about 8 minutes on one H100, dominated by process start-up and model
-loading; SmolLM2's 24 runs add about 8 minutes, most of it reading the GGUF file (about 16 s per run).
+Time (measured, 2 CPU cores, ``--jobs 2``): MiniLM's 108 runs 39 minutes (``results/glue_cpu.json``); SmolLM2's
+24 runs about 45 minutes while other work shared the cores (``results/glue_cpu_smollm2.json``, run with
+``--models smollm2 --out results/glue_cpu_smollm2.json``). GPU (estimated, not measured): MiniLM about 8 minutes
+on one H100, dominated by process start-up and model loading; SmolLM2 about 8 more, most of it reading the GGUF
+file (about 16 s per run).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ that shared part; its standard error is that of the mean difference. Standard er
 combine the per-task ones (tasks are independent runs). The Markdown table goes beside it (``.md``).
 
 Time (measured, 2 CPU cores, ``--jobs 2``): MiniLM's 108 runs 39 minutes (``results/glue_cpu.json``); SmolLM2's
-24 runs about 45 minutes while other work shared the cores (``results/glue_cpu_smollm2.json``, run with
+24 runs 43 minutes while other work shared the cores (``results/glue_cpu_smollm2.json``, run with
 ``--models smollm2 --out results/glue_cpu_smollm2.json``). GPU (estimated, not measured): MiniLM about 8 minutes
 on one H100, dominated by process start-up and model loading; SmolLM2 about 8 more, most of it reading the GGUF
 file (about 16 s per run).

@@ -30,7 +30,6 @@ and dropout inside fused kernels such as SDPA (which saves no mask on GPU).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

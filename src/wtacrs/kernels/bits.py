@@ -3,7 +3,6 @@ fused steps around them (ReLU that also packs its mask; a gradient passed throug
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

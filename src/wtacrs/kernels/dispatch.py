@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
-
-import torch
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from torch import Tensor
 
 T = TypeVar("T")

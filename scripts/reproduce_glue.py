@@ -24,9 +24,9 @@ whose file exists with the same settings is not repeated, so an interrupted run 
 
 The results file (default ``results/glue_cpu.json``, or ``results/glue_gpu.json`` with ``--gpu``) holds every
 run and a summary per model: per task the mean score over seeds with its standard error, the average over
-tasks, and each arm's gap to LoRA (Full+WTA-CRS's also to Full). The gap is paired by seed: seed s of an arm and seed s of LoRA start from
-the same head and LoRA weights and see the same batches in the same order, so the per-seed differences cancel
-that shared part; its standard error is that of the mean difference. Standard errors of averages over tasks
+tasks, and each arm's gap to LoRA (Full+WTA-CRS's also to Full). The gap is paired by seed: seed s of an arm and
+seed s of LoRA start from the same head and LoRA weights and see the same batches in the same order, so the
+per-seed differences cancel that shared part; its standard error is that of the mean difference. Standard errors of averages over tasks
 combine the per-task ones (tasks are independent runs). The Markdown table goes beside it (``.md``).
 
 Time (measured, 2 CPU cores, ``--jobs 2``): MiniLM's 108 runs 39 minutes (``results/glue_cpu.json``); SmolLM2's
@@ -219,9 +219,9 @@ def _combine(parts: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def summarize(experiments: list[dict]) -> dict:
-    """Per model: tasks, and per arm the per-task (mean, se), the average over tasks, and the paired gap to LoRA (and
-    to Full for full fine-tuning with sampling)
-    per task and on average (only over tasks every arm of that model has finished)."""
+    """Per model: tasks, and per arm the per-task (mean, se), the average over tasks, and the paired gap to LoRA
+    (and to Full for full fine-tuning with sampling) per task and on average (only over tasks every arm of that
+    model has finished)."""
     out = {}
     for model in dict.fromkeys(e["model"] for e in experiments):
         mine = [e for e in experiments if e["model"] == model]

@@ -26,8 +26,9 @@ The results file (default ``results/glue_cpu.json``, or ``results/glue_gpu.json`
 run and a summary per model: per task the mean score over seeds with its standard error, the average over
 tasks, and each arm's gap to LoRA (Full+WTA-CRS's also to Full). The gap is paired by seed: seed s of an arm and
 seed s of LoRA start from the same head and LoRA weights and see the same batches in the same order, so the
-per-seed differences cancel that shared part; its standard error is that of the mean difference. Standard errors of averages over tasks
-combine the per-task ones (tasks are independent runs). The Markdown table goes beside it (``.md``).
+per-seed differences cancel that shared part; its standard error is that of the mean difference. Standard errors
+of averages over tasks combine the per-task ones (tasks are independent runs). The Markdown table goes beside it
+(``.md``).
 
 Time (measured, 2 CPU cores, ``--jobs 2``): MiniLM's 108 runs 39 minutes (``results/glue_cpu.json``); SmolLM2's
 24 runs 43 minutes while other work shared the cores (``results/glue_cpu_smollm2.json``, run with

@@ -55,11 +55,14 @@ def _config(args: argparse.Namespace, probs: str = "tokens", attention: bool = F
 
 def _model(source, task, method: str, config: ft.RunConfig, seed: int):
     torch.manual_seed(seed)  # the same fresh head (and LoRA weights) for every arm of a regime
-    _, model = ft.load_model(source, task)
+    _, model = ft.load_model(source, task, eager_attention=config.attention)
     model = ft.prepare_model(model, method, config)
     for module in model.modules():  # dropout off: sampling is the only randomness left
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name in ("dropout_prob", "attention_dropout"):  # attention dropout as a float (SDPA, LLaMA)
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
     return model
 
 

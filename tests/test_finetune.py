@@ -97,6 +97,14 @@ def test_out_of_memory_names_a_batch_size_to_try(monkeypatch, tiny_bert, sst_dir
         ft.finetune(["sst2"], ["full"], [0], _config(tiny_bert), data_dir=str(sst_dir), quiet=True)
 
 
+def test_attention_sampling_loads_the_model_with_eager_attention(tiny_bert, sst_dir):
+    """The folder's config names no attention implementation: transformers 4 would build BERT's SDPA class, whose
+    matmuls attention sampling cannot reach, so finetune asks for eager attention when it samples attention."""
+    results = ft.finetune(["sst2"], ["lora-wtacrs"], [0], _config(tiny_bert, attention=True), data_dir=str(sst_dir),
+                          quiet=True)
+    assert results["experiments"][0]["runs"][0]["saved_activation_bytes"] > 0
+
+
 def test_four_arms_write_results_and_compare(capsys, tmp_path, tiny_bert, sst_dir):
     out = tmp_path / "results.json"
     code = main(["finetune", "--quiet", "--model", str(tiny_bert), "--task", "sst2", "--data-dir", str(sst_dir),

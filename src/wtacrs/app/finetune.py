@@ -233,9 +233,10 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name, {}, name)  # a hub name: only its locally cached copy is used
 
 
-def load_model(source: ModelSource, task: Task | None):
+def load_model(source: ModelSource, task: Task | None, eager_attention: bool = False):
     """(tokenizer, model) for sequence classification (regression when the task has one output); with
-    ``task=None`` the tokenizer only (model None)."""
+    ``task=None`` the tokenizer only (model None). ``eager_attention``: built with eager attention, which
+    attention sampling needs (transformers 4 picks a model's attention class when it is built)."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -248,6 +249,8 @@ def load_model(source: ModelSource, task: Task | None):
             tokenizer.pad_token = tokenizer.eos_token
         if task is None:
             return tokenizer, None
+        if eager_attention:
+            kwargs["attn_implementation"] = "eager"
         model = AutoModelForSequenceClassification.from_pretrained(
             source.path, num_labels=task.num_labels,
             problem_type="regression" if task.is_regression else "single_label_classification", **kwargs,
@@ -425,7 +428,7 @@ def train_one(source, task: Task, train: Encoded, eval_: Encoded, method: str, s
         torch.cuda.empty_cache()
     random.seed(seed)
     torch.manual_seed(seed)
-    _, model = load_model(source, task)
+    _, model = load_model(source, task, eager_attention=config.attention and "wtacrs" in method)
     grad_cache = None
     if config.probs == "gradcache" and "wtacrs" in method:
         from ..gradcache import GradNormCache

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, REPO_ROOT, run_metadata, settings_dict, study_main
+from benchmarks.common import RESULTS_DIR, run_metadata, settings_dict, study_main
+from benchmarks.variance import DEFAULT_DATA, TASK_FOLDERS
 from wtacrs.app import finetune as ft
 from wtacrs.app.data import load_task
 from wtacrs.layers import SampledConv1D, SampledLinear
@@ -41,9 +42,6 @@ ARMS = {
 }
 #: warm-up learning rates: those of scripts/reproduce_glue.py's CPU size
 LR = {"lora-wtacrs": 2e-3, "wtacrs": 1e-4}
-TASK_FOLDERS = {"sst2": "senteval", "mr": "senteval", "cola": "senteval", "rte": "glue-pairs",
-                "mrpc": "glue-pairs", "stsb": "glue-pairs"}
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def _config(args: argparse.Namespace, probs: str = "tokens", attention: bool = False) -> ft.RunConfig:
